@@ -1,0 +1,93 @@
+"""The one complete config. Every variant imports it and overrides fields.
+
+Durations are in steps. Batch sizes are global (summed over all devices of all
+hosts). Override any field from the command line, e.g.
+`--config.optim.lr=1e-4`; a misspelt field is an error.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Root seed: params init, data order, noise, timesteps.
+
+  # ---- Data --------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "digits"  # TFDS name: "digits" (built offline), "cifar10", ...
+  data.data_dir = ""  # TFDS data_dir; "" means TFDS's default (~/tensorflow_datasets).
+  data.train_split = "train"
+  data.eval_split = "test"
+  data.image_size = 16  # Images are resized (area) to this square size if needed.
+  data.channels = 1  # 1 (grayscale) or 3 (RGB); must match the data set.
+  data.random_flip = False  # Random horizontal flips (DDPM uses them on CIFAR-10).
+  data.num_classes = 10  # Number of labels in the data set (0 if it has none).
+  data.worker_count = 0  # grain worker processes; 0 reads in the main process.
+
+  # ---- Model (turned into a module by models.create_model) ----------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"
+  model.ch = 32  # Base channel count.
+  model.ch_mult = (1, 2)  # Channel multiplier per resolution level.
+  model.num_res_blocks = 1  # ResBlocks per level (the up path has one more).
+  model.attn_resolutions = (4,)  # Feature-map sizes with self-attention.
+  model.dropout = 0.0
+  model.num_heads = 1  # Attention heads (used when head_dim is 0).
+  model.head_dim = 0  # If > 0, heads = channels // head_dim.
+  model.resblock_updown = False  # Down/upsample with ResBlocks (BigGAN style).
+  model.conv_resample = True  # Conv after up/before down sampling.
+  model.patch_size = 2  # Space-to-depth stem: the U-Net runs at size/patch_size.
+  model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16".
+  model.param_dtype = "float32"
+  model.remat = False  # Rematerialise each block (gradient checkpointing).
+  model.num_classes = 0  # > 0 adds a class embedding (plus a null class).
+  model.cond_vector_dim = 0  # > 0 adds a pooled conditioning vector input.
+  model.cross_attn_dim = 0  # > 0 adds cross-attention to conditioning tokens.
+  model.cross_attn_resolutions = ()  # Sizes with cross-attention.
+
+  # ---- Diffusion process -------------------------------------------------
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"  # "linear", "cosine", "quad", "sigmoid".
+  diffusion.num_timesteps = 1000
+  diffusion.prediction = "eps"  # What the network predicts: "eps", "x0", "v".
+  diffusion.weighting = "none"  # Loss weighting: "none" or "min_snr".
+  diffusion.min_snr_gamma = 5.0  # gamma for min-SNR weighting.
+
+  # ---- Optimiser -----------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = "adam"  # "adam" or "adamw".
+  optim.lr = 1e-3  # Peak learning rate.
+  optim.lr_schedule = "constant"  # After warm-up: "constant" or "cosine".
+  optim.warmup_steps = 100  # Linear warm-up from 0 to lr.
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0  # Only used by adamw.
+  optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
+  optim.ema_decay = 0.999  # EMA of parameters used for sampling.
+  # Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) so short runs do
+  # not keep weighting the initial parameters.
+  optim.ema_warmup = True
+
+  # ---- Training loop -------------------------------------------------------
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 64  # Global batch; must divide over all devices.
+  training.num_train_steps = 4000
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 1000
+  training.keep_checkpoints = 3  # Keep the last K checkpoints.
+  training.sample_every_steps = 2000  # PNG grid of EMA samples; 0 disables.
+  training.num_grid_samples = 64
+
+  # ---- Sampling (used in training grids and --mode=sample) ----------------
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.method = "ddim"  # "ancestral", "ddim", "dpm_solver++".
+  sample.num_steps = 50  # 0 means all T steps (ancestral only).
+  sample.eta = 0.0  # DDIM stochasticity (0 = deterministic).
+  sample.variance = "fixed_large"  # Ancestral variance: "fixed_large" / "fixed_small".
+  sample.clip_denoised = True  # Clip predicted x0 to [-1, 1].
+  sample.num_samples = 256
+  sample.batch_size = 256  # Global per-call batch; must divide over devices.
+  sample.seed = 0
+  sample.name = ""  # Output file stem; "" derives one from method and steps.
+  sample.checkpoint_step = -1  # -1 means the latest checkpoint.
+  return config
