@@ -1,0 +1,48 @@
+"""Checks a run config's values before any work starts.
+
+Unknown keys are already rejected by ml_collections (the config is locked);
+this catches bad values with a message that says how to fix them.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from diffusion_jax import diffusion, optim, samplers, schedules
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(f"Bad config: {message}")
+
+
+def _one_of(name: str, value, valid) -> None:
+  _require(value in valid, f"{name}={value!r}; valid values: {', '.join(map(str, valid))}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError("Bad config: ...") for the first bad value found."""
+  d, m, df, o, t, s = (config.data, config.model, config.diffusion, config.optim,
+                       config.training, config.sample)
+  _one_of("data.channels", d.channels, (1, 3))
+  _require(d.image_size > 0, f"data.image_size must be > 0, got {d.image_size}.")
+  _one_of("diffusion.schedule", df.schedule, schedules.SCHEDULE_NAMES)
+  _require(df.num_timesteps >= 2, f"diffusion.num_timesteps must be >= 2, got {df.num_timesteps}.")
+  _one_of("diffusion.prediction", df.prediction, diffusion.PREDICTIONS)
+  _one_of("diffusion.weighting", df.weighting, diffusion.WEIGHTINGS)
+  _one_of("optim.optimizer", o.optimizer, optim.OPTIMIZERS)
+  _one_of("optim.lr_schedule", o.lr_schedule, optim.LR_SCHEDULES)
+  _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}.")
+  for name in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
+               "keep_checkpoints"):
+    _require(t[name] > 0, f"training.{name} must be > 0, got {t[name]}.")
+  _require(t.sample_every_steps >= 0, "training.sample_every_steps must be >= 0 (0 disables).")
+  _one_of("sample.method", s.method, samplers.METHODS)
+  _one_of("sample.variance", s.variance, diffusion.VARIANCES)
+  _require(0 <= s.num_steps <= df.num_timesteps,
+           f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
+           f"{df.num_timesteps}] (0 means all).")
+  _require(s.method != "dpm_solver++" or s.num_steps >= 2,
+           "sample.method=dpm_solver++ needs sample.num_steps >= 2.")
+  _require(s.num_samples > 0 and s.batch_size > 0,
+           "sample.num_samples and sample.batch_size must be > 0.")
+  _require(m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}.")

@@ -1,0 +1,58 @@
+r"""Entry point: parses flags and dispatches; the work lives in train/sample.
+
+  python -m diffusion_jax.main --config=configs/cifar10.py --workdir=DIR
+  python -m diffusion_jax.main --mode=sample --workdir=DIR \
+      [--config=configs/from_workdir.py:DIR --config.sample.method=ddim ...]
+
+`--config.a.b=value` overrides any field; a misspelt field is an error.
+"""
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import checkpointing, parallel, sample, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (a Python file with get_config()). In sample mode it "
+    "defaults to the config saved in --workdir.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-host runs outside TPU/SLURM.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_bool("verbose_libraries", False,
+                  "Also show the INFO logs of Orbax (many lines per checkpoint).")
+
+
+def _quiet_libraries(record) -> bool:
+  """Drops INFO records logged from inside Orbax; keeps its warnings."""
+  return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.verbose_libraries:
+    # Orbax logs through absl's logger; a filter on it sees every record.
+    std_logging.getLogger("absl").addFilter(_quiet_libraries)
+  parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id)
+  config = FLAGS.config
+  if config is None:
+    if FLAGS.mode == "train":
+      raise app.UsageError("--config is required for --mode=train, e.g. "
+                           "--config=configs/digits.py")
+    config = checkpointing.load_config(FLAGS.workdir)
+  logging.info("Mode %s, workdir %s, config:\n%s", FLAGS.mode, FLAGS.workdir, config)
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(config, FLAGS.workdir)
+  else:
+    sample.sample_and_save(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,203 @@
+"""Training: the train state, the sharded train step and the training loop.
+
+The loop body reads: step, then maybe_log, maybe_sample, maybe_checkpoint.
+The train step is one `jax.jit` over a mesh of every device of every host:
+the batch is split over the "data" axis, the state replicated and donated.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from diffusion_jax import (checkpointing, config_lib, diffusion, input_pipeline, metrics,
+                           models, optim, parallel, sample)
+from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
+
+# Purposes folded into the root key, so each stream of randomness is separate.
+_INIT, _TRAIN, _GRID = 0, 1, 2
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN or infinite."""
+
+
+def _init_state(model, tx, config, rng) -> TrainState:
+  x = jnp.zeros((1,) + sample.image_shape(config), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  params = model.init(rng, x, t, None, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+
+def create_train_state(model, tx: optax.GradientTransformation,
+                       config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> TrainState:
+  """Initialises the state directly in its replicated layout on the mesh."""
+  return jax.jit(lambda r: _init_state(model, tx, config, r),
+                 out_shardings=parallel.replicated(mesh))(rng)
+
+
+def abstract_train_state(model, tx, config, mesh) -> TrainState:
+  """The state's shapes with shardings, for restoring without allocating."""
+  shapes = jax.eval_shape(lambda: _init_state(model, tx, config, jax.random.key(0)))
+  rep = parallel.replicated(mesh)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
+
+
+def make_train_step(model, schedule, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh) -> Callable:
+  """A jitted (state, batch, key) -> (state, metrics) over the mesh.
+
+  Algorithm 1 on a global batch: t uniform, the chosen loss, an optax update,
+  then the EMA. The randomness of step n is fold_in(key, n), so a resumed run
+  draws what an uninterrupted one would. The old state is donated.
+  """
+  df, o = config.diffusion, config.optim
+
+  def step_fn(state: TrainState, batch: dict, key: jax.Array):
+    rng = jax.random.fold_in(key, state.step)
+    dropout_rng, diffusion_rng = jax.random.split(rng)
+
+    def loss_fn(params):
+      def denoise_fn(x, t):
+        return model.apply({"params": params}, x, t, None, train=True,
+                           rngs={"dropout": dropout_rng})
+      per_example = diffusion.loss(denoise_fn, schedule, batch["image"], diffusion_rng,
+                                   prediction=df.prediction, weighting=df.weighting,
+                                   min_snr_gamma=df.min_snr_gamma)
+      return jnp.mean(per_example)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, o.ema_decay, o.ema_warmup)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_update(state.ema_params, params, decay))
+    stats = dict(loss=loss, grad_norm=optax.global_norm(grads),
+                 lr=optim.current_lr(opt_state), ema_decay=decay)
+    return new_state, stats
+
+  rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  return jax.jit(step_fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+class Trainer:
+  """Everything a run builds from its config: model, data, state, steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_lib.validate(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.training.batch_size, self.mesh)
+    checkpointing.check_compatible(workdir, config)
+    self.model = models.create_model(config.model, config.data.channels)
+    self.schedule = sample.make_schedule(config)
+    self.tx = optim.make_optimizer(config.optim, config.training.num_train_steps)
+    self.key = jax.random.key(config.seed)
+    self.data_iter = input_pipeline.create_train_iterator(
+        config.data, config.training.batch_size, config.seed)
+    self.ckpt = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    self.train_step = make_train_step(self.model, self.schedule, self.tx, config, self.mesh)
+    self.writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    self._grid_fn = None
+
+  def restore_or_init(self) -> TrainState:
+    abstract = abstract_train_state(self.model, self.tx, self.config, self.mesh)
+    state = self.ckpt.restore_latest(abstract, self.data_iter)
+    if state is not None:
+      logging.info("Resumed from step %d in %s", int(state.step), self.ckpt.directory)
+      return state
+    logging.info("No checkpoint in %s: starting from scratch.", self.ckpt.directory)
+    return create_train_state(self.model, self.tx, self.config,
+                              jax.random.fold_in(self.key, _INIT), self.mesh)
+
+  def maybe_sample(self, state: TrainState, step: int) -> None:
+    t = self.config.training
+    if not t.sample_every_steps or (step % t.sample_every_steps and step != t.num_train_steps):
+      return
+    n = t.num_grid_samples
+    n = -(-n // self.mesh.devices.size) * self.mesh.devices.size  # whole devices
+    if self._grid_fn is None:
+      self._grid_fn = sample.make_sample_fn(self.model, self.schedule, self.config, n, self.mesh)
+    rng = jax.random.fold_in(jax.random.fold_in(self.key, _GRID), step)
+    images = metrics.to_uint8(parallel.to_host(
+        self._grid_fn(state.ema_params, rng, jnp.float32(self.config.sample.eta))))
+    if jax.process_index() == 0:
+      grid_dir = os.path.join(self.workdir, "grids")
+      os.makedirs(grid_dir, exist_ok=True)
+      upscale = max(1, 64 // images.shape[1])
+      metrics.save_image_grid(os.path.join(grid_dir, f"step_{step:08d}.png"), images,
+                              upscale=upscale)
+      self.writer.write_images(step, "ema_samples", metrics.make_grid(images))
+
+
+def _check_finite(step: int, stats: dict, last_saved: Optional[int]) -> None:
+  if not (np.isfinite(stats["loss"]) and np.isfinite(stats["grad_norm"])):
+    raise NonFiniteLossError(
+        f"Non-finite training values at step {step}: loss={stats['loss']}, grad_norm="
+        f"{stats['grad_norm']}. Stopping; the last good checkpoint (step {last_saved}) is "
+        "kept. Lower optim.lr, keep optim.grad_clip_norm > 0, or check the data.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) the model of `config`, writing everything to workdir."""
+  trainer = Trainer(config, workdir)
+  checkpointing.save_config(workdir, config)
+  state = trainer.restore_or_init()
+  t = config.training
+  start = int(state.step)
+  last_saved = start if start > 0 else None
+  progress = metrics.Progress(t.num_train_steps, start, batch_size=t.batch_size)
+  train_key = jax.random.fold_in(trainer.key, _TRAIN)
+  window, pending = [], None  # host-side stats since the last log; last step's stats
+  last_log = (start, time.perf_counter())
+  try:
+    for step in range(start + 1, t.num_train_steps + 1):
+      batch = parallel.to_global(next(trainer.data_iter), trainer.mesh)
+      state, stats = trainer.train_step(state, batch, train_key)
+      # Check the previous step while this one runs: no stall per step.
+      if pending is not None:
+        window.append(_fetch(pending, step - 1, last_saved))
+      pending = stats
+      if step % t.log_every_steps == 0 or step == t.num_train_steps:
+        window.append(_fetch(pending, step, last_saved))
+        pending = None
+        now = time.perf_counter()
+        rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+        _log(trainer.writer, progress, step, window, t.batch_size, rate)
+        window, last_log = [], (step, now)
+      trainer.maybe_sample(state, step)
+      if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps:
+        if pending is not None:  # never save a state whose step went non-finite
+          window.append(_fetch(pending, step, last_saved))
+          pending = None
+        trainer.ckpt.save(step, state, trainer.data_iter)
+        last_saved = step
+  finally:
+    trainer.ckpt.close()  # waits for the async save in flight
+    trainer.writer.close()
+  return state
+
+
+def _fetch(stats: dict, step: int, last_saved: Optional[int]) -> dict:
+  host = {k: float(v) for k, v in jax.device_get(stats).items()}
+  _check_finite(step, host, last_saved)
+  return host
+
+
+def _log(writer, progress, step: int, window: list, batch_size: int,
+         rate: float) -> None:
+  scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+  line = progress.update(step, {"loss": scalars["loss"]}, force=True)
+  scalars.update(steps_per_sec=rate, images_per_sec=rate * batch_size)
+  writer.write_scalars(step, scalars)
+  if line:
+    logging.info("%s", line)
