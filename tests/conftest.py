@@ -8,3 +8,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep TensorFlow (used by TFDS to prepare data) quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  """A TFDS data_dir with the offline digits set built once per session."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  input_pipeline.prepare_dataset(config.data)
+  return data_dir

@@ -1,0 +1,151 @@
+"""U-Net speed: forward and train-step time, images/s, XLA FLOPs, share of matmul peak.
+
+Prints one JSON line per measurement: first the float32 matmul rate of this machine
+(a square `jnp.dot`), then for each model a "forward" line (train=False, as a
+sampler calls it) and a "train_step" line (eps-prediction MSE, forward + backward
++ Adam via optax, dropout on). Times are medians of `--steps` calls after a warm-up
+call, each ended with `block_until_ready`; FLOPs are XLA's own count for the
+compiled function (`cost_analysis()`), so `matmul_fraction` = achieved FLOP/s over
+the measured matmul FLOP/s.
+
+  python benchmarks/model_bench.py                 # both models
+  python benchmarks/model_bench.py --which=tiny --steps=20
+"""
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import default
+from diffusion_jax.models import create_model
+
+# The DDPM CIFAR-10 network (Ho et al. 2020, appendix B).
+CIFAR10_MODEL = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                     attn_resolutions=(16,), dropout=0.1, patch_size=1)
+
+
+def _models(dtype: str, remat: bool) -> dict[str, tuple[dict, tuple[int, ...]]]:
+  """name -> (model config, [B, H, W, C] input shape)."""
+  tiny = dict(default.get_config().model)
+  extra = dict(dtype=dtype, remat=remat)
+  return {"cifar10": ({**CIFAR10_MODEL, **extra}, (8, 32, 32, 3)),
+          "tiny": ({**tiny, **extra}, (64, 16, 16, 1))}
+
+
+def _time(fn: Callable[[], Any], steps: int) -> float:
+  """Median wall time (s) of `steps` calls of `fn` after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def matmul_rate(n: int, steps: int) -> float:
+  """Measured float32 FLOP/s of an n x n matmul on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  seconds = _time(lambda: dot(a, b), steps)
+  rate = 2 * n**3 / seconds
+  print(json.dumps({"bench": "matmul_f32", "n": n, "ms": round(1e3 * seconds, 3),
+                    "gflop_per_s": round(rate / 1e9, 2)}), flush=True)
+  return rate
+
+
+def _train_step_fn(model, tx):
+  """One DDPM-style step: eps-MSE at random t in [0, 1000), then an Adam update."""
+  def step(params, opt_state, x, key):
+    k_t, k_eps, k_drop = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (x.shape[0],), 0, 1000)
+    eps = jax.random.normal(k_eps, x.shape)
+    abar = jnp.cos(t / 1000 * jnp.pi / 2)[:, None, None, None] ** 2  # any schedule will do
+    x_t = jnp.sqrt(abar) * x + jnp.sqrt(1 - abar) * eps
+
+    def loss_fn(p):
+      out = model.apply({"params": p}, x_t, t, train=True, rngs={"dropout": k_drop})
+      return jnp.mean((out - eps) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: int,
+                peak: float) -> None:
+  """Prints the forward and train-step lines for one model."""
+  model = create_model(model_config, out_channels=shape[-1])
+  x = jax.random.uniform(jax.random.key(0), shape, minval=-1.0, maxval=1.0)
+  t = jnp.arange(shape[0], dtype=jnp.int32) * 100
+  start = time.perf_counter()
+  params = jax.jit(lambda k: model.init(k, x, t, train=False))(jax.random.key(0))["params"]
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - start
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  common = {"model": name, "batch": shape[0], "image": list(shape[1:]), "params": n_params,
+            "dtype": model_config["dtype"], "remat": model_config["remat"]}
+
+  fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+  start = time.perf_counter()
+  fwd_c = fwd.lower(params, x, t).compile()
+  compile_s = time.perf_counter() - start
+  seconds = _time(lambda: fwd_c(params, x, t), steps)
+  _report(common, "forward", seconds, _flops(fwd_c), compile_s, peak, init_s=round(init_s, 2))
+
+  tx = optax.adam(2e-4)
+  opt_state = tx.init(params)
+  step = jax.jit(_train_step_fn(model, tx))
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  step_c = step.lower(params, opt_state, x, key).compile()
+  compile_s = time.perf_counter() - start
+  # Not donating: the same params are fed each call so every call does equal work.
+  seconds = _time(lambda: step_c(params, opt_state, x, key), steps)
+  _report(common, "train_step", seconds, _flops(step_c), compile_s, peak)
+
+
+def _report(common: dict, phase: str, seconds: float, flops: float, compile_s: float,
+            peak: float, **extra) -> None:
+  rate = flops / seconds
+  print(json.dumps({**common, "phase": phase, "ms": round(1e3 * seconds, 2),
+                    "images_per_s": round(common["batch"] / seconds, 2),
+                    "gflop": round(flops / 1e9, 3), "gflop_per_s": round(rate / 1e9, 2),
+                    "matmul_fraction": round(rate / peak, 3),
+                    "compile_s": round(compile_s, 2), **extra}), flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--which", choices=("all", "cifar10", "tiny"), default="all")
+  parser.add_argument("--steps", type=int, default=5, help="timed calls per measurement")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--remat", action="store_true", help="rematerialise each block")
+  parser.add_argument("--matmul_n", type=int, default=2048)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  print(json.dumps({"bench": "env", "jax": jax.__version__, "backend": jax.default_backend(),
+                    "device": device.device_kind, "device_count": jax.device_count()}),
+        flush=True)
+  peak = matmul_rate(args.matmul_n, max(args.steps, 5))
+  for name, (model_config, shape) in _models(args.dtype, args.remat).items():
+    if args.which in ("all", name):
+      bench_model(name, model_config, shape, args.steps, peak)
+
+
+if __name__ == "__main__":
+  main()

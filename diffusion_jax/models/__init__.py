@@ -1,0 +1,69 @@
+"""Model registry: the one place a `config.model` ConfigDict becomes a Flax module."""
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Config fields that hold sequences: a command-line override may give a list.
+_TUPLE_FIELDS = ("ch_mult", "attn_resolutions", "cross_attn_resolutions")
+
+
+def _module_fields(cls: type[nn.Module]) -> set[str]:
+  # Flax adds `parent` and `name` to every module; they are not config fields.
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def _convert(key: str, value: Any) -> Any:
+  """Turns one config value into the type the module field expects."""
+  if key in ("dtype", "param_dtype"):
+    if value not in _DTYPES:
+      raise ValueError(f"model.{key}={value!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[value]
+  if key in _TUPLE_FIELDS:
+    if isinstance(value, (int, str)) or not hasattr(value, "__iter__"):
+      raise ValueError(f"model.{key} must be a tuple of ints, got {value!r}")
+    return tuple(value)
+  return value
+
+
+def create_model(model_config: Mapping[str, Any], out_channels: int) -> nn.Module:
+  """Builds the model named by `model_config.name`.
+
+  Args:
+    model_config: the `config.model` section (ConfigDict or any mapping): `name`
+      plus fields of the module class; a field left out takes the class default.
+    out_channels: output channels, normally `config.data.channels` (twice that
+      if a caller learns variances).
+
+  Returns:
+    An unbound Flax module, called as `apply(variables, x, t, cond, train=...)`.
+
+  Raises:
+    ValueError: for an unknown name, a field the module does not have, or a value
+      it rejects.
+  """
+  cfg = dict(model_config)
+  name = cfg.pop("name", None)
+  if name not in MODELS:
+    raise ValueError(f"unknown model.name {name!r}; valid names: {sorted(MODELS)}")
+  cls = MODELS[name]
+  unknown = sorted(set(cfg) - _module_fields(cls))
+  if unknown:
+    raise ValueError(f"model fields {unknown} are not fields of {cls.__name__}; "
+                     f"valid fields: {sorted(_module_fields(cls))}")
+  if "out_channels" in cfg:
+    raise ValueError("out_channels comes from the data (the create_model argument), "
+                     "not from config.model")
+  if not isinstance(out_channels, int) or out_channels < 1:
+    raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
+  kwargs = {k: _convert(k, v) for k, v in cfg.items()}
+  return cls(**kwargs, out_channels=out_channels)
+
+
+__all__ = ["MODELS", "UNet", "create_model"]
