@@ -7,8 +7,10 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
 `--config.a.b=value` overrides any field; a misspelt field is an error.
 """
 import logging as std_logging
+import os
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from diffusion_jax import checkpointing, parallel, sample, train
@@ -24,6 +26,10 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string(
+    "compilation_cache_dir", "",
+    "JAX's persistent compilation cache, so a restart does not recompile; '' means "
+    "<parent of --workdir>/.jax_compilation_cache, 'none' turns it off.")
 flags.DEFINE_bool("verbose_libraries", False,
                   "Also show the INFO logs of Orbax (many lines per checkpoint).")
 
@@ -33,12 +39,24 @@ def _quiet_libraries(record) -> bool:
   return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def _enable_compilation_cache(cache_dir: str, workdir: str) -> None:
+  if cache_dir == "none":
+    return
+  if not cache_dir:
+    cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                             ".jax_compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  # Cache every executable that took over 0.5 s to compile, on every backend.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.verbose_libraries:
     # Orbax logs through absl's logger; a filter on it sees every record.
     std_logging.getLogger("absl").addFilter(_quiet_libraries)
+  _enable_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.workdir)
   parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
   config = FLAGS.config
