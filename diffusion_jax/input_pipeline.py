@@ -219,6 +219,13 @@ def _setup(data_config: ml_collections.ConfigDict, global_batch: int,
                 local_batch, process_index, process_count)
 
 
+def _fits_in_memory(data_config: ml_collections.ConfigDict, num_examples: int) -> bool:
+  """Whether `num_examples` preprocessed images fit in data.cache_max_mb."""
+  limit = data_config.get("cache_max_mb", 0)
+  nbytes = num_examples * data_config.image_size**2 * data_config.channels
+  return limit > 0 and nbytes <= limit * 2**20
+
+
 class TrainIterator(grain.DatasetIterator):
   """Infinite iterator of per-process batches with an exact, JSON state.
 
@@ -275,7 +282,13 @@ def create_train_iterator(data_config: ml_collections.ConfigDict,
       [seed, setup.process_index]).generate_state(2))
   ds = grain.MapDataset.source(setup.source)
   ds = ds[setup.process_index::setup.process_count]
-  ds = ds.shuffle(seed=shuffle_seed).repeat(None).map(setup.preprocess)
+  if _fits_in_memory(data_config, len(ds)):
+    # Preprocessing is a pure function of the element, so doing it once
+    # before the shuffle gives the same stream as doing it every epoch.
+    ds = grain.MapDataset.source(list(ds.map(setup.preprocess)))
+    ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+  else:
+    ds = ds.shuffle(seed=shuffle_seed).repeat(None).map(setup.preprocess)
   if data_config.random_flip:
     ds = ds.random_map(_RandomFlip(), seed=flip_seed)
   # Batching the index-based dataset makes the iterator state a batch count.

@@ -296,3 +296,22 @@ def test_worker_processes_give_the_same_stream_and_resume(config):
   for want, have in zip(expected, got):
     np.testing.assert_array_equal(want["image"], have["image"])
     np.testing.assert_array_equal(want["label"], have["label"])
+
+
+def test_in_memory_cache_gives_the_same_stream(config):
+  cached = config.copy_and_resolve_references()
+  cached.update(cache_max_mb=512, random_flip=True)
+  uncached = config.copy_and_resolve_references()
+  uncached.update(cache_max_mb=0, random_flip=True)
+  assert input_pipeline._fits_in_memory(cached, 1497)
+  assert not input_pipeline._fits_in_memory(uncached, 1497)
+  a = input_pipeline.create_train_iterator(cached, 64, SEED)
+  b = input_pipeline.create_train_iterator(uncached, 64, SEED)
+  # 30 batches of 64 cross an epoch boundary of the 1,497 training images.
+  for _ in range(30):
+    x, y = next(a), next(b)
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  c = input_pipeline.create_train_iterator(uncached, 64, SEED)
+  c.set_state(a.get_state())  # states are interchangeable
+  np.testing.assert_array_equal(next(c)["image"], next(a)["image"])
