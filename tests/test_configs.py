@@ -62,5 +62,8 @@ def test_cifar10_config_runs_one_step_on_mocked_data():
   state, stats = step(state, parallel.to_global(images, mesh), jax.random.key(1))
   assert int(state.step) == 1
   assert np.isfinite(float(stats["loss"])) and float(stats["loss"]) > 0.1
-  # Warm-up: the first update uses lr = 2e-4 * 1/5000.
+  # Linear warm-up from 0: the first update uses lr = 2e-4 * 0 / 5000 (as the
+  # DDPM code, whose warm-up factor is global_step / warmup from step 0).
+  assert float(stats["lr"]) == 0.0
+  state, stats = step(state, parallel.to_global(images, mesh), jax.random.key(1))
   assert float(stats["lr"]) == pytest.approx(2e-4 / 5000, rel=1e-3)
