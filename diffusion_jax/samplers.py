@@ -29,6 +29,7 @@ from diffusion_jax.diffusion import DenoiseFn
 from diffusion_jax.schedules import Schedule
 
 METHODS = ("ancestral", "ddim", "dpm_solver++")
+THRESHOLDINGS = ("none", "static", "dynamic")
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -73,27 +74,55 @@ def log_snr_timesteps(schedule: Schedule, num_steps: int) -> jnp.ndarray:
   return jnp.minimum(pushed_up, T - num_steps + k).astype(jnp.int32)
 
 
-def _finish_x0(x0: jnp.ndarray, clip_denoised: bool) -> jnp.ndarray:
+def dynamic_threshold(x0: jnp.ndarray, percentile) -> jnp.ndarray:
+  """Imagen's dynamic thresholding (Saharia et al. 2022, Section 2.3).
+
+  Per sample, s = max(1, the `percentile`-th percentile of |x0| over all its
+  pixels); x0 is clipped to [-s, s] and divided by s. Samples whose |x0| are
+  all at most 1 are unchanged.
+
+  Args:
+    x0: [B, ...] predicted x0.
+    percentile: in (0, 100] (Imagen: 99.5), as numpy's `percentile` (linear
+      interpolation); a runtime value.
+
+  Returns:
+    [B, ...] in [-1, 1].
+  """
+  flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+  s = jnp.percentile(flat, jnp.asarray(percentile, jnp.float32), axis=1)
+  s = diffusion.broadcast_to(jnp.maximum(s, 1.0), x0)
+  return jnp.clip(x0, -s, s) / s
+
+
+def _finish_x0(x0: jnp.ndarray, thresholding: str, percentile) -> jnp.ndarray:
   # The one place the predicted x0 is post-processed before it is used.
-  return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
+  if thresholding == "static":
+    return jnp.clip(x0, -1.0, 1.0)
+  if thresholding == "dynamic":
+    return dynamic_threshold(x0, percentile)
+  return x0
 
 
-def _predict(denoise_fn, x, t_idx, abar, prediction, clip_denoised):
-  """(x0, eps) at scalar timestep t_idx with alpha-bar abar, x0 processed."""
+def _predict(denoise_fn, x, t_idx, abar, prediction, threshold):
+  """(x0, eps) at scalar timestep t_idx with alpha-bar abar, x0 processed.
+
+  `threshold` is (thresholding, percentile), passed on to `_finish_x0`.
+  """
   t = jnp.full((x.shape[0],), t_idx, jnp.int32)
   out = denoise_fn(x, t).astype(jnp.float32)
   if out.shape != x.shape:
     raise ValueError(f"denoise_fn returned shape {out.shape}, expected {x.shape}.")
   x0, _ = diffusion.model_output_to_x0_eps(abar, x, out, prediction)
-  x0 = _finish_x0(x0, clip_denoised)
+  x0 = _finish_x0(x0, *threshold)
   # eps implied by the (possibly clipped) x0, as DDIM and the posterior use.
   return x0, diffusion.eps_from_x0(abar, x, x0)
 
 
-def _ancestral_step(denoise_fn, prediction, clip_denoised, variance, x, xs):
+def _ancestral_step(denoise_fn, prediction, threshold, variance, x, xs):
   """Algorithm 2, one step x_t -> x_{t-1} on a (possibly respaced) grid."""
   t_idx, abar, abar_prev, key, not_last = xs
-  x0, _ = _predict(denoise_fn, x, t_idx, abar, prediction, clip_denoised)
+  x0, _ = _predict(denoise_fn, x, t_idx, abar, prediction, threshold)
   beta = 1.0 - abar / abar_prev  # respaced beta (equals beta_t on the full grid)
   coef1 = beta * jnp.sqrt(abar_prev) / (1.0 - abar)
   coef2 = (1.0 - abar_prev) * jnp.sqrt(1.0 - beta) / (1.0 - abar)
@@ -103,21 +132,21 @@ def _ancestral_step(denoise_fn, prediction, clip_denoised, variance, x, xs):
   return mean + not_last * jnp.sqrt(var) * noise, x0
 
 
-def _ddim_step(denoise_fn, prediction, clip_denoised, eta, x, xs):
+def _ddim_step(denoise_fn, prediction, threshold, eta, x, xs):
   """DDIM (Song et al. 2021, eq. 12) from alpha-bar_t to alpha-bar_prev."""
   t_idx, abar, abar_prev, key, _ = xs
-  x0, eps = _predict(denoise_fn, x, t_idx, abar, prediction, clip_denoised)
+  x0, eps = _predict(denoise_fn, x, t_idx, abar, prediction, threshold)
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
   direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
   noise = jax.random.normal(key, x.shape, jnp.float32)
   return jnp.sqrt(abar_prev) * x0 + direction + sigma * noise, x0
 
 
-def _dpm_step(denoise_fn, prediction, clip_denoised, carry, xs):
+def _dpm_step(denoise_fn, prediction, threshold, carry, xs):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data-prediction form."""
   x, d_prev = carry
   t_idx, abar, lam, lam_prev, lam_next, alpha_next, sigma, sigma_next, first, last = xs
-  d, _ = _predict(denoise_fn, x, t_idx, abar, prediction, clip_denoised)
+  d, _ = _predict(denoise_fn, x, t_idx, abar, prediction, threshold)
   h = lam_next - lam
   r = (lam - lam_prev) / h
   d_2m = (1.0 + 0.5 / r) * d - (0.5 / r) * d_prev
@@ -154,6 +183,25 @@ def _dpm_inputs(schedule: Schedule, num_steps: int):
           k == 0, k == num_steps - 1)
 
 
+def resolve_thresholding(thresholding: Optional[str],
+                         clip_denoised: Optional[bool]) -> str:
+  """The thresholding to use, from the new option or the older boolean.
+
+  `clip_denoised=True` is "static" and `False` is "none"; neither given means
+  "static" (the earlier default). Giving both is an error unless they agree.
+  """
+  if clip_denoised is None:
+    thresholding = "static" if thresholding is None else thresholding
+  else:
+    implied = "static" if clip_denoised else "none"
+    if thresholding not in (None, implied):
+      raise ValueError(f"clip_denoised={clip_denoised} contradicts thresholding="
+                       f"{thresholding!r}; pass thresholding only.")
+    thresholding = implied
+  diffusion.check_choice("thresholding", thresholding, THRESHOLDINGS)
+  return thresholding
+
+
 def _check_args(schedule, shape, method, num_steps, prediction, variance):
   diffusion.check_choice("sampling method", method, METHODS)
   diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
@@ -171,8 +219,9 @@ def _check_args(schedule, shape, method, num_steps, prediction, variance):
 def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
            rng: jax.Array, *, method: str = "ancestral",
            num_steps: Optional[int] = None, eta=0.0, prediction: str = "eps",
-           variance: str = "fixed_large", clip_denoised: bool = True,
-           return_trajectory: bool = False):
+           variance: str = "fixed_large", thresholding: Optional[str] = None,
+           dynamic_threshold_percentile=99.5,
+           clip_denoised: Optional[bool] = None, return_trajectory: bool = False):
   """Draws samples by running the reverse process from x_T ~ N(0, I).
 
   Args:
@@ -188,7 +237,13 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
       variance); a runtime value, not a static argument.
     prediction: the model's parameterisation: "eps", "x0" or "v".
     variance: ancestral variance: "fixed_large" (beta_t) or "fixed_small".
-    clip_denoised: clip each predicted x0 to [-1, 1].
+    thresholding: what is done to each predicted x0 before it is used:
+      "none", "static" (clip to [-1, 1], DDPM) or "dynamic" (Imagen, see
+      `dynamic_threshold`). Default "static". For DPM-Solver++ it acts on
+      the data prediction, as that paper does.
+    dynamic_threshold_percentile: the percentile of |x0| for "dynamic", in
+      (0, 100]; a runtime value.
+    clip_denoised: the older boolean form: True = "static", False = "none".
     return_trajectory: also return the predicted x0 of every step.
 
   Returns:
@@ -196,19 +251,21 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
     trajectory ordered from the noisiest step to the last.
   """
   n = _check_args(schedule, shape, method, num_steps, prediction, variance)
+  threshold = (resolve_thresholding(thresholding, clip_denoised),
+               jnp.asarray(dynamic_threshold_percentile, jnp.float32))
   init_key, loop_key = jax.random.split(rng)
   x_T = jax.random.normal(init_key, tuple(shape), jnp.float32)
   if method == "dpm_solver++":
-    step = functools.partial(_dpm_step, denoise_fn, prediction, clip_denoised)
+    step = functools.partial(_dpm_step, denoise_fn, prediction, threshold)
     (x, _), traj = jax.lax.scan(step, (x_T, jnp.zeros_like(x_T)),
                                 _dpm_inputs(schedule, n))
   else:
     ts = spaced_timesteps(schedule.num_timesteps, n)
     if method == "ancestral":
       step = functools.partial(_ancestral_step, denoise_fn, prediction,
-                               clip_denoised, variance)
+                               threshold, variance)
     else:
-      step = functools.partial(_ddim_step, denoise_fn, prediction, clip_denoised,
+      step = functools.partial(_ddim_step, denoise_fn, prediction, threshold,
                                jnp.asarray(eta, jnp.float32))
     x, traj = jax.lax.scan(step, x_T, _grid_inputs(schedule, ts, loop_key))
   return (x, traj) if return_trajectory else x
