@@ -48,6 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
   model.cross_attn_dim = 0  # > 0 adds cross-attention to conditioning tokens.
   model.cross_attn_resolutions = ()  # Sizes with cross-attention.
 
+  # ---- Conditioning (what the model is conditioned on) ---------------------
+  config.conditioning = conditioning = ml_collections.ConfigDict()
+  # "none" (unconditional) or "class" (the data set's labels through the
+  # model's class embedding; needs model.num_classes == data.num_classes > 0).
+  conditioning.type = "none"
+  # Probability that a training label is replaced by the null class, so one
+  # network also learns the unconditional model (classifier-free guidance
+  # needs it > 0; Ho & Salimans 2021 use 0.1-0.2).
+  conditioning.p_uncond = 0.1
+
   # ---- Diffusion process -------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear", "cosine", "quad", "sigmoid".
@@ -88,7 +98,18 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num_steps = 50  # 0 means all T steps (ancestral only).
   sample.eta = 0.0  # DDIM stochasticity (0 = deterministic).
   sample.variance = "fixed_large"  # Ancestral variance: "fixed_large" / "fixed_small".
-  sample.clip_denoised = True  # Clip predicted x0 to [-1, 1].
+  # What is done to each predicted x0: "none", "static" (clip to [-1, 1], as
+  # DDPM) or "dynamic" (Imagen: per sample, s = max(1, percentile of |x0|),
+  # clip to [-s, s] and divide by s).
+  sample.thresholding = "static"
+  sample.dynamic_threshold_percentile = 99.5  # In (0, 100]; Imagen uses 99.5.
+  # Classifier-free guidance scale s: eps = eps_uncond + s (eps_cond -
+  # eps_uncond); 1.0 is the plain conditional model (no guidance). Needs a
+  # class-conditional model trained with conditioning.p_uncond > 0.
+  sample.guidance_scale = 1.0
+  # Labels to generate (class-conditional models only): "" or "all" = every
+  # class equally, "7" = one class, "1,3,5" = these classes equally.
+  sample.labels = ""
   sample.num_samples = 256
   sample.batch_size = 256  # Global per-call batch; must divide over devices.
   sample.seed = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from diffusion_jax import diffusion, optim, samplers, schedules
+from diffusion_jax import diffusion, guidance, optim, samplers, schedules
 
 
 def _require(ok: bool, message: str) -> None:
@@ -46,3 +46,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(s.num_samples > 0 and s.batch_size > 0,
            "sample.num_samples and sample.batch_size must be > 0.")
   _require(m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}.")
+  _validate_conditioning(config)
+
+
+def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
+  """Conditioning and the guided-sampling fields (issue 6)."""
+  c, m, d, s = config.conditioning, config.model, config.data, config.sample
+  _one_of("conditioning.type", c.type, ("none", "class"))
+  _require(0.0 <= c.p_uncond < 1.0, f"conditioning.p_uncond must be in [0, 1), got {c.p_uncond}.")
+  if c.type == "class":
+    _require(d.num_classes > 0 and m.num_classes == d.num_classes,
+             f"conditioning.type='class' needs model.num_classes == data.num_classes > 0; "
+             f"got model.num_classes={m.num_classes}, data.num_classes={d.num_classes}.")
+  else:
+    _require(m.num_classes == 0, f"model.num_classes={m.num_classes} builds a class-conditional "
+             "model: set conditioning.type='class' (or model.num_classes=0).")
+  _one_of("sample.thresholding", s.thresholding, samplers.THRESHOLDINGS)
+  _require(0.0 < s.dynamic_threshold_percentile <= 100.0,
+           "sample.dynamic_threshold_percentile must be in (0, 100], got "
+           f"{s.dynamic_threshold_percentile}.")
+  _require(s.guidance_scale >= 0.0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}.")
+  _require(s.guidance_scale == 1.0 or (c.type == "class" and c.p_uncond > 0.0),
+           f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model trained "
+           "with conditioning dropout (conditioning.type='class', conditioning.p_uncond > 0); "
+           "use 1.0 otherwise.")
+  if str(s.labels).strip():
+    _require(c.type == "class", f"sample.labels={s.labels!r} needs conditioning.type='class'; "
+             "an unconditional model cannot generate chosen classes.")
+    try:
+      guidance.parse_labels(s.labels, m.num_classes, 1)
+    except ValueError as e:
+      _require(False, str(e))

@@ -14,6 +14,10 @@ arguments:
       fn = lambda x, t: model.apply(params, x, t, train=False)
       return sample(fn, schedule, (16, 32, 32, 3), rng, method="ddim",
                     num_steps=50, eta=eta)
+
+Classifier-free guidance is a denoise_fn too (guidance.guided_denoiser), and
+every method takes the same thresholding of the predicted x0: "none",
+"static" (clip to [-1, 1]) or "dynamic" (Imagen).
 """
 from __future__ import annotations
 

@@ -17,12 +17,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import (checkpointing, config_lib, diffusion, input_pipeline, metrics,
-                           models, optim, parallel, sample)
+from diffusion_jax import (checkpointing, config_lib, diffusion, guidance, input_pipeline,
+                           metrics, models, optim, parallel, sample)
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
 _INIT, _TRAIN, _GRID = 0, 1, 2
+# Folded into a step's key for conditioning dropout (leaves the other draws as before).
+_COND_DROP = 3
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,7 +34,7 @@ class NonFiniteLossError(FloatingPointError):
 def _init_state(model, tx, config, rng) -> TrainState:
   x = jnp.zeros((1,) + sample.image_shape(config), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  params = model.init(rng, x, t, None, train=False)["params"]
+  params = model.init(rng, x, t, sample.init_cond(config), train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
@@ -57,17 +59,25 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
 
   Algorithm 1 on a global batch: t uniform, the chosen loss, an optax update,
   then the EMA. The randomness of step n is fold_in(key, n), so a resumed run
-  draws what an uninterrupted one would. The old state is donated.
+  draws what an uninterrupted one would. The old state is donated. With
+  conditioning.type == "class" the batch's labels condition the model, each
+  replaced by the null class with probability conditioning.p_uncond.
   """
   df, o = config.diffusion, config.optim
+  class_cond = config.conditioning.type == "class"
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array):
     rng = jax.random.fold_in(key, state.step)
     dropout_rng, diffusion_rng = jax.random.split(rng)
+    cond = None
+    if class_cond:
+      cond = {"label": guidance.drop_labels(
+          jax.random.fold_in(rng, _COND_DROP), batch["label"],
+          config.conditioning.p_uncond, config.model.num_classes)}
 
     def loss_fn(params):
       def denoise_fn(x, t):
-        return model.apply({"params": params}, x, t, None, train=True,
+        return model.apply({"params": params}, x, t, cond, train=True,
                            rngs={"dropout": dropout_rng})
       per_example = diffusion.loss(denoise_fn, schedule, batch["image"], diffusion_rng,
                                    prediction=df.prediction, weighting=df.weighting,
@@ -128,15 +138,15 @@ class Trainer:
     if self._grid_fn is None:
       self._grid_fn = sample.make_sample_fn(self.model, self.schedule, self.config, n, self.mesh)
     rng = jax.random.fold_in(jax.random.fold_in(self.key, _GRID), step)
+    labels = sample.sample_labels(self.config, n)  # None for an unconditional model
     images = metrics.to_uint8(parallel.to_host(
-        self._grid_fn(state.ema_params, rng, jnp.float32(self.config.sample.eta))))
+        self._grid_fn(state.ema_params, rng, jnp.float32(self.config.sample.eta), labels)))
     if jax.process_index() == 0:
       grid_dir = os.path.join(self.workdir, "grids")
       os.makedirs(grid_dir, exist_ok=True)
-      upscale = max(1, 64 // images.shape[1])
-      metrics.save_image_grid(os.path.join(grid_dir, f"step_{step:08d}.png"), images,
-                              upscale=upscale)
-      self.writer.write_images(step, "ema_samples", metrics.make_grid(images))
+      # One class per row when conditional.
+      grid = sample.save_grid(os.path.join(grid_dir, f"step_{step:08d}.png"), images, labels)
+      self.writer.write_images(step, "ema_samples", grid)
 
 
 def _check_finite(step: int, stats: dict, last_saved: Optional[int]) -> None:
