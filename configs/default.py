@@ -92,6 +92,20 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 2000  # PNG grid of EMA samples; 0 disables.
   training.num_grid_samples = 64
 
+  # ---- Parallelism: the device mesh (diffusion_jax/parallel.py) ------------
+  config.parallel = parallel = ml_collections.ConfigDict()
+  # Devices along "fsdp": each array of the train state (params, EMA, optimizer
+  # moments) is split this many ways, and XLA gathers a layer's weights where
+  # it runs. 1 (the default) is plain data parallelism, state replicated. Must
+  # divide the device count; keep it <= the devices of one host.
+  parallel.fsdp_axis_size = 1
+  # Devices along "data" (the batch is split over data x fsdp devices); -1
+  # means all devices / fsdp_axis_size. data x fsdp must equal the devices.
+  parallel.data_axis_size = -1
+  # State arrays with fewer elements than this stay replicated under FSDP
+  # (biases, norm scales: splitting them saves little and costs a gather).
+  parallel.fsdp_min_size = 2**12
+
   # ---- Sampling (used in training grids and --mode=sample) ----------------
   config.sample = sample = ml_collections.ConfigDict()
   sample.method = "ddim"  # "ancestral", "ddim", "dpm_solver++".

@@ -131,9 +131,26 @@ class Checkpointer:
     items = dict(state=ocp.args.PyTreeRestore(
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
-    if data_iter is not None:
+    if data_iter is not None and self._has_data_state(step):
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    elif data_iter is not None:
+      # Written by a run with another process count (e.g. a pod slice of
+      # another size): each process's shard of the data differs, so no saved
+      # position applies. Resume the model; the data order starts afresh.
+      logging.warning("Checkpoint step %d holds no data-iterator state for %d process(es) "
+                      "(it was written with another process count): restoring the train "
+                      "state only; the data stream starts from its beginning.",
+                      step, jax.process_count())
     return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def _has_data_state(self, step: int) -> bool:
+    # grain.checkpoint names each process's state process_<i>-of-<count>.json.
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+
+  def reached_preemption(self, step: int) -> bool:
+    """Orbax's preemption sync point: True on every process at the same step."""
+    return self.manager.reached_preemption(step)
 
   def _set_aside(self, step: int, error: Exception) -> None:
     logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); moving it to "

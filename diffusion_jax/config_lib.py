@@ -46,6 +46,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(s.num_samples > 0 and s.batch_size > 0,
            "sample.num_samples and sample.batch_size must be > 0.")
   _require(m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}.")
+  pa = config.parallel
+  _require(pa.fsdp_axis_size >= 1, f"parallel.fsdp_axis_size must be >= 1, got "
+           f"{pa.fsdp_axis_size}.")
+  _require(pa.data_axis_size == -1 or pa.data_axis_size >= 1,
+           f"parallel.data_axis_size must be -1 (all the rest) or >= 1, got "
+           f"{pa.data_axis_size}.")
+  _require(pa.fsdp_min_size >= 0, f"parallel.fsdp_min_size must be >= 0, got "
+           f"{pa.fsdp_min_size}.")
   _validate_conditioning(config)
 
 

@@ -13,7 +13,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from diffusion_jax import checkpointing, parallel, sample, train
+from diffusion_jax import checkpointing, multihost, sample, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -22,9 +22,21 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
 flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, for multi-host runs outside TPU/SLURM.")
-flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+                    "host:port of process 0, for multi-process runs outside TPU/SLURM "
+                    "(default: $JAX_COORDINATOR_ADDRESS). TPU pods and SLURM need none of "
+                    "these three flags.")
+flags.DEFINE_integer("num_processes", None,
+                     "Processes in the run, with --coordinator_address (default: "
+                     "$JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None,
+                     "This process's index in [0, num_processes), with "
+                     "--coordinator_address (default: $JAX_PROCESS_ID).")
+flags.DEFINE_integer("distributed_init_timeout", 300,
+                     "Multi-process runs: seconds every process waits for the coordinator "
+                     "and for all processes to connect before failing.")
+flags.DEFINE_integer("distributed_heartbeat_timeout", 100,
+                     "Multi-process runs: seconds after which a silent (dead) process makes "
+                     "the others abort instead of hanging.")
 flags.mark_flags_as_required(["workdir"])
 flags.DEFINE_string(
     "compilation_cache_dir", "",
@@ -57,8 +69,12 @@ def main(argv):
     # Orbax logs through absl's logger; a filter on it sees every record.
     std_logging.getLogger("absl").addFilter(_quiet_libraries)
   _enable_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.workdir)
-  parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
+  multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                       init_timeout_s=FLAGS.distributed_init_timeout,
+                       heartbeat_timeout_s=FLAGS.distributed_heartbeat_timeout)
+  if jax.process_index() != 0:
+    # One process logs progress; the others' INFO lines would repeat it N times.
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   if config is None:
     if FLAGS.mode == "train":
@@ -73,4 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # An error on one process of a multi-process run ends the run in seconds.
+  app.run(multihost.fail_fast()(main))

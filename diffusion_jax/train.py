@@ -2,7 +2,8 @@
 
 The loop body reads: step, then maybe_log, maybe_sample, maybe_checkpoint.
 The train step is one `jax.jit` over a mesh of every device of every host:
-the batch is split over the "data" axis, the state replicated and donated.
+the batch is split over all devices and the state donated; the state is
+replicated, or split over the mesh's "fsdp" axis (config.parallel).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import optax
 from absl import logging
 
 from diffusion_jax import (checkpointing, config_lib, diffusion, guidance, input_pipeline,
-                           metrics, models, optim, parallel, sample)
+                           metrics, models, optim, parallel, preemption, sample)
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
@@ -39,18 +40,27 @@ def _init_state(model, tx, config, rng) -> TrainState:
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
 
+def state_shardings(model, tx, config, mesh) -> TrainState:
+  """Every state array's sharding: replicated, or split over "fsdp" (see parallel)."""
+  shapes = jax.eval_shape(lambda: _init_state(model, tx, config, jax.random.key(0)))
+  return parallel.state_shardings(shapes, mesh, config.parallel.fsdp_min_size)
+
+
 def create_train_state(model, tx: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> TrainState:
-  """Initialises the state directly in its replicated layout on the mesh."""
+  """Initialises the state directly in its sharded layout on the mesh.
+
+  With FSDP no device ever holds the whole state: each computes its shards.
+  """
   return jax.jit(lambda r: _init_state(model, tx, config, r),
-                 out_shardings=parallel.replicated(mesh))(rng)
+                 out_shardings=state_shardings(model, tx, config, mesh))(rng)
 
 
 def abstract_train_state(model, tx, config, mesh) -> TrainState:
   """The state's shapes with shardings, for restoring without allocating."""
   shapes = jax.eval_shape(lambda: _init_state(model, tx, config, jax.random.key(0)))
-  rep = parallel.replicated(mesh)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, state_shardings(model, tx, config, mesh))
 
 
 def make_train_step(model, schedule, tx: optax.GradientTransformation,
@@ -95,7 +105,8 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
     return new_state, stats
 
   rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(step_fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+  state_sh = state_shardings(model, tx, config, mesh)
+  return jax.jit(step_fn, in_shardings=(state_sh, data, rep), out_shardings=(state_sh, rep),
                  donate_argnums=(0,))
 
 
@@ -105,7 +116,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_lib.validate(config)
     self.config, self.workdir = config, workdir
-    self.mesh = parallel.make_mesh()
+    self.mesh = parallel.mesh_from_config(config)
     parallel.check_batch_size(config.training.batch_size, self.mesh)
     checkpointing.check_compatible(workdir, config)
     self.model = models.create_model(config.model, config.data.channels)
@@ -169,6 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_key = jax.random.fold_in(trainer.key, _TRAIN)
   window, pending = [], None  # host-side stats since the last log; last step's stats
   last_log = (start, time.perf_counter())
+  watcher = preemption.PreemptionWatcher(trainer.ckpt.reached_preemption)
   try:
     for step in range(start + 1, t.num_train_steps + 1):
       batch = parallel.to_global(next(trainer.data_iter), trainer.mesh)
@@ -184,14 +196,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
         _log(trainer.writer, progress, step, window, t.batch_size, rate)
         window, last_log = [], (step, now)
-      trainer.maybe_sample(state, step)
-      if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps:
+      # Every process asks at every step; all get the same answer (preemption.py).
+      preempted = watcher.reached(step)
+      if not preempted:
+        trainer.maybe_sample(state, step)
+      if preempted or step % t.checkpoint_every_steps == 0 or step == t.num_train_steps:
         if pending is not None:  # never save a state whose step went non-finite
           window.append(_fetch(pending, step, last_saved))
           pending = None
         trainer.ckpt.save(step, state, trainer.data_iter)
         last_saved = step
+      if preempted:
+        break
   finally:
+    watcher.close()
     trainer.ckpt.close()  # waits for the async save in flight
     trainer.writer.close()
   return state
