@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import checkpointing, config_lib, models, optim, parallel, sample, train
+from diffusion_jax import (checkpointing, config_lib, guidance, models, optim, parallel, sample,
+                           train)
 from diffusion_jax.train_state import TrainState
 
 
@@ -86,28 +87,43 @@ def test_conditional_run_and_sample_mode_writes_labels(cond_run):
   assert os.path.exists(path[:-4] + ".png")
 
 
-def test_guided_sampler_compiles_once_for_any_scale(cond_run):
-  config, workdir, state = cond_run
+def test_guided_sampler_compiles_once_for_any_scale(digits_dir, tmp_path):
+  # A small U-Net at 8x8 with random parameters keeps the compile short; ch 64
+  # so GroupNorm(32) does not erase the class embedding (groups of 2 channels).
+  config = _cond_config(digits_dir, data__image_size=8, model__ch=64, model__ch_mult=(1,),
+                        model__attn_resolutions=(), model__patch_size=1)
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, 1)
-  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, 8, mesh, guided=True)
-  labels = np.arange(12) % 10
-  # Two steps leave the zero-initialised output layer near zero: perturb it so
-  # that the label, and so the scale, changes the samples.
-  leaves, tree = jax.tree.flatten(state.ema_params)
+  params = jax.jit(lambda x: model.init(jax.random.key(0), x, jnp.zeros(4, jnp.int32),
+                                        sample.init_cond(config, 4), train=False))(
+                                            jnp.zeros((4, 8, 8, 1)))["params"]
+  # The output conv starts at zero: perturb every parameter so labels matter.
+  leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  # The U-Net guided in one batched call of 2B equals its two separate calls.
+  apply = jax.jit(lambda x, t, cond: model.apply({"params": params}, x, t, cond, train=False))
+  x, t = jax.random.normal(jax.random.key(2), (4, 8, 8, 1)), jnp.array([1, 50, 70, 99])
+  lab = jnp.array([0, 3, 7, 9], jnp.int32)
+  cond, uncond = apply(x, t, {"label": lab}), apply(x, t, {"label": jnp.full(4, 10)})
+  assert float(jnp.abs(cond - uncond).max()) > 1e-3  # the label matters
+  guided = jax.jit(guidance.guided_denoiser(apply, lab, 10, 2.5))(x, t)
+  np.testing.assert_allclose(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, 8, mesh, guided=True)
+  labels = np.arange(12) % 10
   scales = [1.0, 3.0, np.linspace(0.0, 5.0, 12)]  # scalars and a per-sample array
   outs = [sample.generate(fn, params, 12, 8, seed=0, labels=labels, guidance_scale=s)
           for s in scales]
   assert fn.jitted._cache_size() == 1
-  assert all(o.shape == (12, 16, 16, 1) for o in outs)
+  assert all(o.shape == (12, 8, 8, 1) for o in outs)
   assert not np.array_equal(outs[0], outs[1])
-  grid = sample.save_grid(os.path.join(workdir, "rows.png"), outs[1], labels)
-  assert grid.shape[0] == 10 * 17 + 1  # one row per class, 16 px + 1 px padding
+  grid = sample.save_grid(str(tmp_path / "rows.png"), outs[1], labels)
+  assert grid.shape[0] == 10 * 9 + 1  # one row per class: 8 px + 1 px padding each
+  assert os.path.exists(tmp_path / "rows.png")
+  plain = sample.make_sample_fn(model, sample.make_schedule(config), config, 8, mesh,
+                                guided=False)
   with pytest.raises(ValueError, match="built without guidance"):
-    plain = sample.make_sample_fn(model, sample.make_schedule(config), config, 8, mesh,
-                                  guided=False)
     plain(params, jax.random.key(0), 0.0, labels[:8], 2.0)
 
 
