@@ -129,4 +129,30 @@ def get_config() -> ml_collections.ConfigDict:
   sample.seed = 0
   sample.name = ""  # Output file stem; "" derives one from method and steps.
   sample.checkpoint_step = -1  # -1 means the latest checkpoint.
+
+  # ---- Evaluation (--mode=eval; diffusion_jax/evaluate.py) -----------------
+  # The sampler, its settings and the checkpoint step come from `sample` above.
+  config.eval = ev = ml_collections.ConfigDict()
+  # Metrics to compute: "digits_fd" (offline, digits only), "fid", "is", "pr"
+  # (these three need inception_weights; skipped with a log line without them)
+  # and "bpd" (bits/dim of the eval split).
+  ev.metrics = ("digits_fd", "fid", "is", "pr", "bpd")
+  ev.num_samples = 1000  # Samples drawn for the sample metrics (FID papers: 50,000).
+  ev.batch_size = 256  # Global sampling/Inception batch; must divide over devices.
+  ev.seed = 0  # Seed of the eval samples and of the bits/dim noise draws.
+  ev.save_samples = True  # Write <workdir>/eval/<name>.npz (arr_0 uint8 NHWC).
+  # FID Inception weights: pytorch-fid's .pth converted to .npz (see
+  # diffusion_jax/evaluation/inception.py); "" skips fid/is/pr.
+  ev.inception_weights = ""
+  # Reference statistics .npz (mu, sigma[, features]); "" computes them from
+  # `reference_split` once and caches them in <workdir>/eval/.
+  ev.fid_reference = ""
+  ev.reference_split = "train"  # Split for the reference (CIFAR-10 FIDs use train).
+  ev.reference_max_examples = 0  # Cap on reference images; 0 = the whole split.
+  ev.pr_k = 3  # Neighbourhood size of precision/recall (Kynkaanniemi et al.).
+  ev.pr_num_real = 10000  # Real features kept in the reference file for "pr".
+  ev.bpd_max_examples = 0  # Cap on eval-split examples for "bpd"; 0 = all.
+  ev.bpd_batch_size = 16  # Global examples per bits/dim call (x 10 timesteps each).
+  # Cache of the digits classifier; "" = <data_dir>/digits_classifier/v<N>.npz.
+  ev.digits_classifier_cache = ""
   return config

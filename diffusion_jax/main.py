@@ -3,6 +3,7 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
   python -m diffusion_jax.main --config=configs/cifar10.py --workdir=DIR
   python -m diffusion_jax.main --mode=sample --workdir=DIR \
       [--config=configs/from_workdir.py:DIR --config.sample.method=ddim ...]
+  python -m diffusion_jax.main --mode=eval --workdir=DIR    # metrics of config.eval
 
 `--config.a.b=value` overrides any field; a misspelt field is an error.
 """
@@ -13,14 +14,14 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from diffusion_jax import checkpointing, multihost, sample, train
+from diffusion_jax import checkpointing, evaluate, multihost, sample, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Config file (a Python file with get_config()). In sample mode it "
     "defaults to the config saved in --workdir.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs outside TPU/SLURM "
                     "(default: $JAX_COORDINATOR_ADDRESS). TPU pods and SLURM need none of "
@@ -84,6 +85,8 @@ def main(argv):
   logging.info("Mode %s, workdir %s, config:\n%s", FLAGS.mode, FLAGS.workdir, config)
   if FLAGS.mode == "train":
     train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    evaluate.evaluate(config, FLAGS.workdir)
   else:
     sample.sample_and_save(config, FLAGS.workdir)
 
