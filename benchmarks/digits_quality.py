@@ -1,0 +1,81 @@
+"""Offline sample quality of a digits checkpoint, per sampler: one JSON line each.
+
+Restores the EMA parameters of a digits run (the README's default command:
+`configs/digits.py`, 4,000 steps), draws `--num_samples` images with each
+sampler setting and scores them with `evaluation/digits_quality.py`: a
+Frechet distance in a digits classifier's feature space against the 300 real
+TEST digits (with the real TRAIN-vs-TEST distance, the floor, beside it), the
+fraction of confidently classified samples, the class histogram and
+precision/recall. Sampling does not write into the workdir.
+
+  python benchmarks/digits_quality.py --workdir=workdir/digits --num_samples=1000
+  python benchmarks/digits_quality.py --workdir=workdir/digits \
+      --settings=ddim:50,dpm_solver++:20 --save_dir=/tmp/digits_samples
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from diffusion_jax import checkpointing, models, parallel, sample
+from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
+
+DEFAULT_SETTINGS = ("ancestral:1000,ddim:10,ddim:20,ddim:50,"
+                    "dpm_solver++:10,dpm_solver++:20,dpm_solver++:50")
+
+
+def _restore(workdir: str, config, step: int):
+  mesh = parallel.make_mesh()
+  model = models.create_model(config.model, config.data.channels)
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  params, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh), step)
+  ckpt.close()
+  return model, params, step, mesh
+
+
+def _draw(model, params, config, mesh, method: str, num_steps: int, args) -> np.ndarray:
+  config = config.copy_and_resolve_references()
+  config.sample.method, config.sample.num_steps = method, num_steps
+  sample_fn = sample.make_sample_fn(model, sample.make_schedule(config), config,
+                                    args.batch_size, mesh)
+  return sample.generate(sample_fn, params, args.num_samples, args.batch_size, args.seed,
+                         config.sample.eta)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a digits training run")
+  parser.add_argument("--settings", default=DEFAULT_SETTINGS,
+                      help="comma-separated method:steps")
+  parser.add_argument("--num_samples", type=int, default=1000)
+  parser.add_argument("--batch_size", type=int, default=250)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--step", type=int, default=-1, help="checkpoint step; -1 = latest")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data dir of the real digits (default: the run's)")
+  parser.add_argument("--save_dir", default="", help="also write each sample set (.npz)")
+  args = parser.parse_args()
+
+  config = checkpointing.load_config(args.workdir)
+  data_dir = config.data.data_dir if args.data_dir is None else args.data_dir
+  clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
+  model, params, step, mesh = _restore(args.workdir, config, args.step)
+  for setting in args.settings.split(","):
+    method, num_steps = setting.split(":")
+    start = time.perf_counter()
+    images = _draw(model, params, config, mesh, method, int(num_steps), args)
+    seconds = time.perf_counter() - start
+    if args.save_dir:
+      npz_io.write_samples(os.path.join(args.save_dir, f"{method}{num_steps}.npz"), images)
+    quality = digits_quality.digits_quality(images, clf, data_dir)
+    print(json.dumps({"method": method, "num_steps": int(num_steps), "checkpoint_step": step,
+                      "num_samples": args.num_samples, "seed": args.seed,
+                      "sampling_seconds": round(seconds, 1),
+                      "devices": jax.device_count(), **quality}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
