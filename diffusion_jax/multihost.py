@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import os
 import socket
@@ -32,6 +33,7 @@ import jax
 from absl import logging
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPUs are PCI devices of this vendor.
+_UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 class DistributedInitError(RuntimeError):
@@ -102,7 +104,11 @@ def resolve(coordinator_address: Optional[str] = None, num_processes: Optional[i
       raise DistributedInitError(
           f"process_id {index} is not in [0, num_processes={count}).")
     return ProcessSpec("explicit", address, count, index)
-  if (_env_int(env, "SLURM_STEP_NUM_TASKS") or _env_int(env, "SLURM_NTASKS") or 1) > 1:
+  # srun sets the step's task count; a batch script's own shell (one task,
+  # not srun) must not wait for the job's other tasks.
+  step_tasks = _env_int(env, "SLURM_STEP_NUM_TASKS")
+  tasks = step_tasks if step_tasks is not None else _env_int(env, "SLURM_NTASKS")
+  if (tasks or 1) > 1:
     return ProcessSpec("slurm")
   if _on_cloud_tpu_vm():
     return ProcessSpec("tpu")
@@ -127,12 +133,16 @@ def wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> Non
       with socket.create_connection((host, int(port)), timeout=1.0):
         return
     except OSError as e:
-      if time.monotonic() >= deadline:
+      # A name that does not resolve or a host with no route will not get
+      # better by waiting; a refused or silent port may (process 0 starting).
+      final = isinstance(e, socket.gaierror) or e.errno in _UNREACHABLE
+      if final or time.monotonic() >= deadline:
+        waited = "" if final else f" within {timeout_s:g} s"
         raise DistributedInitError(
-            f"Process {process_id} could not reach the coordinator at {address} within "
-            f"{timeout_s:g} s ({e}). Check that process 0 is running and was given the "
-            "same --coordinator_address, that the host name resolves from this host and "
-            "that the port is open; raise --distributed_init_timeout if process 0 starts "
+            f"Process {process_id} could not reach the coordinator at {address}{waited} "
+            f"({e}). Check that process 0 is running and was given the same "
+            "--coordinator_address, that the host name resolves from this host and that "
+            "the port is open; raise --distributed_init_timeout if process 0 starts "
             "late.") from None
       time.sleep(0.2)
 

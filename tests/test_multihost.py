@@ -290,6 +290,17 @@ def test_unreachable_coordinator_is_a_clear_error_within_seconds(tmp_path):
   assert "could not reach the coordinator" in out.stderr.splitlines()[-1]
 
 
+def test_a_name_that_does_not_resolve_fails_at_once(monkeypatch):
+  def no_such_host(*args, **kwargs):
+    raise multihost.socket.gaierror(-2, "Name or service not known")
+  monkeypatch.setattr(multihost.socket, "create_connection", no_such_host)
+  start = time.time()
+  with pytest.raises(multihost.DistributedInitError,
+                     match=r"at no-such-host:1234 \(\[Errno -2\] Name or service not known"):
+    multihost.wait_for_coordinator("no-such-host:1234", 300, 1)
+  assert time.time() - start < 1
+
+
 @pytest.mark.parametrize("args, message", [
     (dict(coordinator_address="h:1"), "missing: num_processes, process_id"),
     (dict(coordinator_address="h", num_processes=2, process_id=0), "is not host:port"),
@@ -303,6 +314,9 @@ def test_incomplete_or_bad_process_flags_are_errors(args, message):
 def test_where_processes_come_from():
   assert multihost.resolve(env={"SLURM_NTASKS": "16"}).source == "slurm"
   assert multihost.resolve(env={"SLURM_NTASKS": "1"}).source in ("single", "tpu")
+  # A batch script's shell in a 16-task job is one task, not srun's 16.
+  assert multihost.resolve(env={"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "1"}
+                           ).source in ("single", "tpu")
   spec = multihost.resolve(env={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
                                 "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"})
   assert (spec.source, spec.coordinator_address, spec.num_processes, spec.process_id) == (
