@@ -32,7 +32,9 @@ from typing import Iterator, Mapping, Optional
 import jax
 from absl import logging
 
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPUs are PCI devices of this vendor.
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPUs are PCI devices of this vendor...
+# ...with these device ids (v3, -, v4, v5p, v5e, v6e, 7x), as jax 0.10 lists them.
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
@@ -57,14 +59,26 @@ class ProcessSpec:
 
 
 def _on_cloud_tpu_vm() -> bool:
-  """True where a TPU sits on the PCI bus (JAX's own test, without its internals)."""
+  """True where a TPU chip sits on the PCI bus (JAX's own test for a TPU VM).
+
+  The vendor alone is not enough: Google's gVNIC network card has the same
+  vendor id on GPU VMs.
+  """
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, AttributeError):  # private API moved: same test, ids of jax 0.10
+    pass
   for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
       with open(path) as f:
-        if f.read().strip() == _GOOGLE_PCI_VENDOR:
-          return True
+        vendor = f.read().strip()
+      with open(os.path.join(os.path.dirname(path), "device")) as f:
+        device = f.read().strip()
     except OSError:
       continue
+    if vendor == _GOOGLE_PCI_VENDOR and device in _TPU_PCI_DEVICES:
+      return True
   return False
 
 
