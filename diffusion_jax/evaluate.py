@@ -154,6 +154,7 @@ def bits_per_dim_on_split(model, params, config: ml_collections.ConfigDict, mesh
 
 def _digits_metrics(config: ml_collections.ConfigDict, images: np.ndarray,
                     labels: Optional[np.ndarray], report: dict[str, Any]) -> None:
+  """digits_quality of the samples, or a skip reason for data that are not digits."""
   if config.data.name != "digits" or images.shape[1:] != (16, 16, 1):
     report["skipped"]["digits_fd"] = (
         f"needs the 16x16x1 'digits' data set (data.name={config.data.name!r}, images "
@@ -200,6 +201,7 @@ def _reference(config: ml_collections.ConfigDict, workdir: str, extractor
 
 def _inception_metrics(config: ml_collections.ConfigDict, workdir: str, images: np.ndarray,
                        wanted: list[str], report: dict[str, Any]) -> None:
+  """Fills report["metrics"] with the wanted of fid/is/pr, or lists them as skipped."""
   ev = config.eval
   if not ev.inception_weights:
     for m in wanted:

@@ -312,6 +312,15 @@ class InceptionFeatures:
 
   def __init__(self, weights_path: str, batch_size: int = 200,
                input_size: int = INPUT_SIZE, params: Optional[dict] = None):
+    """Loads and checks the weights.
+
+    Args:
+      weights_path: the converted .npz (see the module docstring).
+      batch_size: images per device call, rounded down to a multiple of the
+        local device count; every call has this shape (the last batch is padded).
+      input_size: side images are resized to; 299 for comparable FID/IS.
+      params: already loaded params (skips reading `weights_path` again).
+    """
     self.weights_path = weights_path
     self._sha256 = None
     self.params = load_params(weights_path) if params is None else params
