@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     # The offline default data set is built from scikit-learn's bundled digits.
     "scikit-learn>=1.4",
+    # Frechet distances (evaluation) in float64 on the host.
+    "scipy>=1.11",
 ]
 
 setup(
@@ -34,6 +36,6 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
 )
