@@ -100,7 +100,7 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
     decay = ema_decay_at(state.step, o.ema_decay, o.ema_warmup)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params, decay))
-    stats = dict(loss=loss, grad_norm=optax.global_norm(grads),
+    stats = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                  lr=optim.current_lr(opt_state), ema_decay=decay)
     return new_state, stats
 
