@@ -12,6 +12,14 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import pytest  # noqa: E402  (after the environment is set)
 
 
+def apply_overrides(config, **overrides):
+  """Sets config[section][field] for each `section__field=value`; returns config."""
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return config
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
   """A TFDS data_dir with the offline digits set built once per session."""

@@ -10,6 +10,7 @@ from configs import test as test_config
 from diffusion_jax import (checkpointing, config_lib, guidance, models, optim, parallel, sample,
                            train)
 from diffusion_jax.train_state import TrainState
+from tests.conftest import apply_overrides
 
 
 def _cond_config(data_dir, **overrides):
@@ -22,10 +23,7 @@ def _cond_config(data_dir, **overrides):
   t.num_train_steps, t.checkpoint_every_steps, t.sample_every_steps = 2, 2, 2
   t.log_every_steps, t.num_grid_samples = 1, 8
   config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 3, 10, 8
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    config[section][field] = value
-  return config
+  return apply_overrides(config, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 from configs import test as test_config
 from diffusion_jax import (checkpointing, input_pipeline, models, optim, parallel, sample,
                            train)
+from tests.conftest import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(data_dir, **overrides):
   config = test_config.get_config()
   config.data.data_dir = data_dir
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    config[section][field] = value
-  return config
+  return apply_overrides(config, **overrides)
 
 
 @pytest.fixture(scope="module")
