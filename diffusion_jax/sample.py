@@ -144,12 +144,16 @@ def _call_args(config, batch_size: int, guided: bool, labels, guidance_scale):
   return labels, (scale if guided else None)
 
 
-def abstract_params(model, config: ml_collections.ConfigDict, mesh):
-  """Parameter shapes (jax.ShapeDtypeStruct, replicated) without allocating."""
+def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
+  """The model's initial parameters, from a dummy batch of one image."""
   x = jnp.zeros((1,) + image_shape(config), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, t, init_cond(config), train=False))["params"]
+  return model.init(rng, x, t, init_cond(config), train=False)["params"]
+
+
+def abstract_params(model, config: ml_collections.ConfigDict, mesh):
+  """Parameter shapes (jax.ShapeDtypeStruct, replicated) without allocating."""
+  shapes = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
   rep = parallel.replicated(mesh)
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
 

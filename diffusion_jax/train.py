@@ -33,9 +33,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _init_state(model, tx, config, rng) -> TrainState:
-  x = jnp.zeros((1,) + sample.image_shape(config), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  params = model.init(rng, x, t, sample.init_cond(config), train=False)["params"]
+  params = sample.init_params(model, config, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
