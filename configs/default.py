@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.channels = 1  # 1 (grayscale) or 3 (RGB); must match the data set.
   data.random_flip = False  # Random horizontal flips (DDPM uses them on CIFAR-10).
   data.num_classes = 10  # Number of labels in the data set (0 if it has none).
+  # > 0: each example also carries the image downsampled (anti-aliased) to
+  # this size, the input of a super-resolution stage (config.superres).
+  data.low_res_size = 0
   data.worker_count = 0  # grain worker processes; 0 reads in the main process.
   # Decode and preprocess a split once and keep it in memory when its images
   # take at most this many MB (digits 0.4, CIFAR-10 150); 0 never does. The
@@ -47,6 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.cond_vector_dim = 0  # > 0 adds a pooled conditioning vector input.
   model.cross_attn_dim = 0  # > 0 adds cross-attention to conditioning tokens.
   model.cross_attn_resolutions = ()  # Sizes with cross-attention.
+  # > 0 (= data.channels): a super-resolution stage, conditioned on the
+  # low-resolution image (data.low_res_size) upsampled and concatenated to x_t.
+  # Embedding enters each ResBlock as scale and shift after its 2nd GroupNorm
+  # (improved-diffusion). DDPM adds it before the norm, which erases it in
+  # 32-channel blocks (GroupNorm(32): one channel per group).
+  model.scale_shift_norm = False
+  model.low_res_channels = 0
+  model.low_res_upsample = "bilinear"  # "nearest", "bilinear" or "bicubic".
 
   # ---- Conditioning (what the model is conditioned on) ---------------------
   config.conditioning = conditioning = ml_collections.ConfigDict()
@@ -57,6 +68,23 @@ def get_config() -> ml_collections.ConfigDict:
   # network also learns the unconditional model (classifier-free guidance
   # needs it > 0; Ho & Salimans 2021 use 0.1-0.2).
   conditioning.p_uncond = 0.1
+
+  # ---- Super-resolution stages (used when model.low_res_channels > 0) -------
+  # Levels are fractions of the schedule: level f means the forward process at
+  # timestep round(f (T-1)); 0 leaves the low-resolution input unchanged.
+  config.superres = superres = ml_collections.ConfigDict()
+  # Training draws a noise-augmentation level uniformly in [0, noise_aug_max]
+  # per example (Imagen, CDM); 0 turns noise-conditioning augmentation off.
+  superres.noise_aug_max = 0.5
+  # The fixed level applied to the previous stage's output when sampling
+  # (Imagen's super-resolution models are sampled at a fixed level; 0.2 is a
+  # common choice).
+  superres.sample_aug_level = 0.2
+  # Gaussian-blur augmentation in training only (CDM, DALL-E 2): with this
+  # probability, blur with sigma uniform in [blur_sigma_min, blur_sigma_max].
+  superres.blur_prob = 0.0
+  superres.blur_sigma_min = 0.4
+  superres.blur_sigma_max = 0.6
 
   # ---- Diffusion process -------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -55,6 +55,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(pa.fsdp_min_size >= 0, f"parallel.fsdp_min_size must be >= 0, got "
            f"{pa.fsdp_min_size}.")
   _validate_conditioning(config)
+  _validate_superres(config)
+
+
+def _validate_superres(config: ml_collections.ConfigDict) -> None:
+  """A super-resolution stage: data pairs, model input and augmentation agree."""
+  d, m, sr = config.data, config.model, config.superres
+  size = d.get("low_res_size", 0)
+  _require(bool(size) == bool(m.low_res_channels),
+           f"data.low_res_size={size} and model.low_res_channels={m.low_res_channels}: a "
+           "super-resolution stage sets both (low_res_channels = data.channels), a base model "
+           "neither.")
+  if not size:
+    return
+  _require(0 < size < d.image_size, f"data.low_res_size={size} must lie in (0, "
+           f"data.image_size={d.image_size}).")
+  _require(m.low_res_channels == d.channels, f"model.low_res_channels={m.low_res_channels} "
+           f"must equal data.channels={d.channels} (the low-resolution image's channels).")
+  for name in ("noise_aug_max", "sample_aug_level", "blur_prob"):
+    _require(0.0 <= sr[name] <= 1.0, f"superres.{name} must lie in [0, 1], got {sr[name]}.")
+  _require(0.0 <= sr.blur_sigma_min <= sr.blur_sigma_max,
+           f"superres.blur_sigma_min={sr.blur_sigma_min} and blur_sigma_max="
+           f"{sr.blur_sigma_max} must satisfy 0 <= min <= max.")
 
 
 def _validate_conditioning(config: ml_collections.ConfigDict) -> None:

@@ -20,7 +20,7 @@ is exactly eps_uncond + s (eps_cond - eps_uncond) in the matching form.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -77,16 +77,19 @@ def _scale_like(scale: Scale, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def guided_denoiser(model_fn: ModelFn, labels: jnp.ndarray, num_classes: int,
-                    guidance_scale: Scale) -> DenoiseFn:
+                    guidance_scale: Scale, extra_cond: Optional[dict] = None) -> DenoiseFn:
   """A classifier-free-guided `denoise_fn(x_t, t)` for the samplers.
 
   Args:
-    model_fn: (x [2B, ...], t [2B], {'label': int32 [2B]}) -> output [2B, ...]
-      in the model's parameterisation (eps, x0 or v; see the module note).
+    model_fn: (x [2B, ...], t [2B], {'label': int32 [2B], ...}) -> output
+      [2B, ...] in the model's parameterisation (eps, x0 or v; see the module
+      note).
     labels: int32 [B] in {0, ..., num_classes - 1}: the classes to generate.
     num_classes: real classes of the model; the null class is this index.
     guidance_scale: s, a scalar or a per-sample float array [B]; a runtime
       value (pass it as a jit argument so a new scale never recompiles).
+    extra_cond: conditioning that both passes share (e.g. the low-resolution
+      image of a super-resolution stage): a dict of [B, ...] arrays.
 
   Returns:
     denoise_fn(x [B, ...], t int32 [B]) -> float32 [B, ...], equal to
@@ -95,17 +98,39 @@ def guided_denoiser(model_fn: ModelFn, labels: jnp.ndarray, num_classes: int,
   labels = jnp.asarray(labels, jnp.int32)
   if labels.ndim != 1:
     raise ValueError(f"labels must have shape [B], got {labels.shape}.")
+  extra = dict(extra_cond or {})
+  cond = {"label": labels, **extra}
+  null = {"label": null_labels(labels.shape[0], num_classes), **extra}
+  return guided_cond_denoiser(model_fn, cond, null, guidance_scale)
+
+
+def guided_cond_denoiser(model_fn: ModelFn, cond: dict, null_cond: dict,
+                         guidance_scale: Scale) -> DenoiseFn:
+  """Classifier-free guidance between any two conditionings, in one 2B pass.
+
+  Args:
+    model_fn: (x [2B, ...], t [2B], cond of [2B, ...] arrays) -> output.
+    cond: the conditioning to generate, a dict of [B, ...] arrays.
+    null_cond: the unconditional one, the same keys and shapes.
+    guidance_scale: s, a scalar or float [B].
+
+  Returns:
+    denoise_fn(x [B, ...], t [B]) = out(null) + s * (out(cond) - out(null)).
+  """
+  if jax.tree.structure(cond) != jax.tree.structure(null_cond):
+    raise ValueError(f"cond and null_cond differ in keys: {sorted(cond)} vs "
+                     f"{sorted(null_cond)}.")
+  both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null_cond)
 
   def denoise_fn(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
     b = x.shape[0]
-    if labels.shape[0] != b:
-      raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {b}.")
+    for key, value in cond.items():
+      if value.shape[0] != b:
+        raise ValueError(f"cond[{key!r}] has {value.shape[0]} entries for a batch of {b}.")
     s = _scale_like(guidance_scale, x)
-    both_labels = jnp.concatenate([labels, null_labels(b, num_classes)])
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                   {"label": both_labels}).astype(jnp.float32)
-    cond, uncond = out[:b], out[b:]
-    return uncond + s * (cond - uncond)
+                   both).astype(jnp.float32)
+    return out[b:] + s * (out[:b] - out[b:])
   return denoise_fn
 
 

@@ -131,10 +131,13 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Preprocess(grain.transforms.Map):
-  """Decoded TFDS example -> {'image': uint8 [S, S, C], 'label': int32}."""
+  """Decoded TFDS example -> {'image': uint8 [S, S, C], 'label': int32}, plus
+  'low_res': uint8 [s, s, C] (the image downsampled, anti-aliased) when
+  `low_res_size` > 0, for super-resolution stages."""
   image_size: int
   channels: int
   has_label: bool
+  low_res_size: int = 0
 
   def map(self, features: dict[str, Any]) -> dict[str, Any]:
     image = np.asarray(features["image"])
@@ -145,6 +148,10 @@ class _Preprocess(grain.transforms.Map):
         "image": center_crop_resize(image, self.image_size),
         "label": np.int32(features["label"] if self.has_label else 0),
     }
+    if self.low_res_size:
+      # From the stored-size image, so the pair is what a cascade sees: the
+      # base stage's data is this same resize of the same image.
+      out["low_res"] = center_crop_resize(out["image"], self.low_res_size)
     if "mask" in features:
       out["mask"] = np.bool_(features["mask"])
     return out
@@ -157,6 +164,8 @@ class _RandomFlip(grain.transforms.RandomMap):
                  rng: np.random.Generator) -> dict[str, Any]:
     if rng.random() < 0.5:
       element = {**element, "image": element["image"][:, ::-1]}
+      if "low_res" in element:  # the pair is flipped together
+        element["low_res"] = element["low_res"][:, ::-1]
     return element
 
 
@@ -164,7 +173,10 @@ class _ToFloat(grain.transforms.Map):
   """uint8 [B, H, W, C] -> float32 in [-1, 1], once per batch (vectorised)."""
 
   def map(self, batch: Batch) -> Batch:
-    return {**batch, "image": batch["image"].astype(np.float32) / 127.5 - 1.0}
+    out = {**batch, "image": batch["image"].astype(np.float32) / 127.5 - 1.0}
+    if "low_res" in batch:
+      out["low_res"] = batch["low_res"].astype(np.float32) / 127.5 - 1.0
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -213,8 +225,12 @@ def _setup(data_config: ml_collections.ConfigDict, global_batch: int,
   local_batch = check_batch(global_batch, 1, process_count)
   builder = prepare_dataset(data_config)
   _check_features(builder, data_config)
+  low_res_size = data_config.get("low_res_size", 0)
+  if low_res_size and not 0 < low_res_size < data_config.image_size:
+    raise ValueError(f"data.low_res_size={low_res_size} must lie in (0, data.image_size="
+                     f"{data_config.image_size}); 0 turns low-resolution pairs off.")
   preprocess = _Preprocess(data_config.image_size, data_config.channels,
-                           _num_classes(builder) > 0)
+                           _num_classes(builder) > 0, low_res_size)
   return _Setup(builder, builder.as_data_source(split=split), preprocess,
                 local_batch, process_index, process_count)
 
@@ -273,6 +289,7 @@ def create_train_iterator(data_config: ml_collections.ConfigDict,
     A `TrainIterator` yielding {'image': float32 [B, S, S, C] in [-1, 1],
     'label': int32 [B]} with B = global_batch_size // process_count and
     S = data_config.image_size; labels are zeros if the data set has none.
+    With data.low_res_size = s > 0, also 'low_res': float32 [B, s, s, C].
   """
   setup = _setup(data_config, global_batch_size, data_config.train_split,
                  process_index, process_count)
@@ -310,6 +327,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict,
       "random_flip": bool(data_config.random_flip),
       "worker_count": data_config.worker_count,
   }
+  if data_config.get("low_res_size", 0):  # only then: older states stay restorable
+    identity["low_res_size"] = data_config.low_res_size
   return TrainIterator(iter(it_ds), identity)
 
 

@@ -4,6 +4,8 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
   python -m diffusion_jax.main --mode=sample --workdir=DIR \
       [--config=configs/from_workdir.py:DIR --config.sample.method=ddim ...]
   python -m diffusion_jax.main --mode=eval --workdir=DIR    # metrics of config.eval
+  python -m diffusion_jax.main --mode=sample --workdir=OUT \
+      --config=configs/cascade.py:BASE_DIR,SR_DIR             # a cascade, stage by stage
 
 `--config.a.b=value` overrides any field; a misspelt field is an error.
 """
@@ -14,7 +16,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from diffusion_jax import checkpointing, evaluate, multihost, sample, train
+from diffusion_jax import cascade, checkpointing, evaluate, multihost, sample, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -83,7 +85,12 @@ def main(argv):
                            "--config=configs/digits.py")
     config = checkpointing.load_config(FLAGS.workdir)
   logging.info("Mode %s, workdir %s, config:\n%s", FLAGS.mode, FLAGS.workdir, config)
-  if FLAGS.mode == "train":
+  if "cascade" in config:
+    if FLAGS.mode != "sample":
+      raise app.UsageError("A cascade config (configs/cascade.py) is for --mode=sample; "
+                           "train each stage with its own config.")
+    cascade.sample_cascade(config, FLAGS.workdir)
+  elif FLAGS.mode == "train":
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "eval":
     evaluate.evaluate(config, FLAGS.workdir)

@@ -21,9 +21,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import (checkpointing, guidance, metrics, models, parallel, samplers,
-                           schedules)
+from diffusion_jax import (checkpointing, conditioning, guidance, metrics, models, parallel,
+                           samplers, schedules)
 from diffusion_jax.schedules import Schedule
+
+# Folded into a sampling call's key for the noise augmentation of low_res.
+_LOW_RES_AUG = 1 << 20
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
@@ -32,14 +35,6 @@ def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.data.channels)
-
-
-def init_cond(config: ml_collections.ConfigDict, batch_size: int = 1):
-  """Conditioning of the right structure to initialise the model: None or
-  {'label': int32 [batch_size]} (zeros) for a class-conditional model."""
-  if config.model.num_classes:
-    return {"label": jnp.zeros((batch_size,), jnp.int32)}
-  return None
 
 
 def _thresholding(s: ml_collections.ConfigDict) -> str:
@@ -62,7 +57,9 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   """A sampler fn(params, rng, eta, labels=None, guidance_scale=None).
 
   It returns images [batch_size, H, W, C] in [-1, 1], the batch split over the
-  mesh's data axis. `eta` and `guidance_scale` are runtime values, so changing
+  mesh's data axis. A super-resolution stage also takes `low_res`, float
+  [batch_size, s, s, C] in [-1, 1], noise-augmented inside at
+  `superres.sample_aug_level`. `eta` and `guidance_scale` are runtime values, so changing
   them never recompiles; one compile per (batch size, sampler choice).
 
   For a class-conditional model, `labels` is int32 [batch_size] (default:
@@ -98,26 +95,48 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
                 variance=s.variance, thresholding=_thresholding(s),
                 dynamic_threshold_percentile=s.get("dynamic_threshold_percentile", 99.5))
 
-  def fn(params, rng, eta, labels, scale):
+  def fn(params, rng, eta, labels, scale, low_res):
     def model_fn(x, t, cond):
       x = jax.lax.with_sharding_constraint(x, data)  # keep the batch split
       return model.apply({"params": params}, x, t, cond, train=False)
+    extra = {}
+    if low_res is not None:  # augmented once per batch, at the fixed sampling level
+      extra = conditioning.sample_low_res_cond(config, schedule, low_res,
+                                               jax.random.fold_in(rng, _LOW_RES_AUG))
     if labels is None:
-      denoise_fn = lambda x, t: model_fn(x, t, None)
+      denoise_fn = lambda x, t: model_fn(x, t, extra or None)
     elif scale is None:
-      denoise_fn = guidance.conditional_denoiser(model_fn, labels)
+      denoise_fn = lambda x, t: model_fn(x, t, {"label": labels, **extra})
     else:
-      denoise_fn = guidance.guided_denoiser(model_fn, labels, num_classes, scale)
+      denoise_fn = guidance.guided_denoiser(model_fn, labels, num_classes, scale, extra)
     return samplers.sample(denoise_fn, schedule, shape, rng, eta=eta, **kwargs)
 
   jitted = jax.jit(fn, out_shardings=data)
 
-  def sample_fn(params, rng, eta, labels=None, guidance_scale=None):
+  def sample_fn(params, rng, eta, labels=None, guidance_scale=None, low_res=None):
     labels, scale = _call_args(config, batch_size, guided, labels, guidance_scale)
-    return jitted(params, rng, eta, labels, scale)
+    return jitted(params, rng, eta, labels, scale, _check_low_res(config, batch_size, low_res))
 
   sample_fn.guided, sample_fn.jitted = guided, jitted
   return sample_fn
+
+
+def _check_low_res(config, batch_size: int, low_res) -> Optional[np.ndarray]:
+  """The low-resolution input of a super-resolution stage, checked (host side)."""
+  if not conditioning.is_superres(config):
+    if low_res is not None:
+      raise ValueError("low_res was given, but the model is not a super-resolution stage "
+                       "(model.low_res_channels = 0).")
+    return None
+  s, c = config.data.low_res_size, config.model.low_res_channels
+  if low_res is None:
+    raise ValueError(f"A super-resolution stage needs low_res, float [{batch_size}, {s}, {s}, "
+                     f"{c}] in [-1, 1] (the previous stage's samples).")
+  low_res = np.asarray(low_res, np.float32)
+  if low_res.shape != (batch_size, s, s, c):
+    raise ValueError(f"low_res must have shape {(batch_size, s, s, c)} (data.low_res_size="
+                     f"{s}), got {low_res.shape}.")
+  return low_res
 
 
 def _call_args(config, batch_size: int, guided: bool, labels, guidance_scale):
@@ -148,7 +167,7 @@ def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
   """The model's initial parameters, from a dummy batch of one image."""
   x = jnp.zeros((1,) + image_shape(config), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  return model.init(rng, x, t, init_cond(config), train=False)["params"]
+  return model.init(rng, x, t, conditioning.init_cond(config), train=False)["params"]
 
 
 def abstract_params(model, config: ml_collections.ConfigDict, mesh):
@@ -168,7 +187,8 @@ def _batch_slice(values, i: int, batch_size: int, num_samples: int):
 
 def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
              seed: int, eta: float = 0.0, log_every_seconds: float = 10.0, *,
-             labels: Optional[np.ndarray] = None, guidance_scale=None) -> np.ndarray:
+             labels: Optional[np.ndarray] = None, guidance_scale=None,
+             low_res: Optional[np.ndarray] = None) -> np.ndarray:
   """Runs sample_fn in batches: uint8 [num_samples, H, W, C] on every host.
 
   Args:
@@ -182,9 +202,12 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
     labels: int32 [num_samples] classes to generate (class-conditional models).
     guidance_scale: a scalar or a per-sample [num_samples] array; None means
       the config's.
+    low_res: float [num_samples, s, s, C] in [-1, 1], the inputs of a
+      super-resolution stage.
   """
-  if labels is not None and len(labels) != num_samples:
-    raise ValueError(f"labels has {len(labels)} entries for {num_samples} samples.")
+  for name, values in (("labels", labels), ("low_res", low_res)):
+    if values is not None and len(values) != num_samples:
+      raise ValueError(f"{name} has {len(values)} entries for {num_samples} samples.")
   out, start, last = [], time.perf_counter(), 0.0
   num_batches = -(-num_samples // batch_size)
   for i in range(num_batches):
@@ -194,6 +217,8 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
       cond["labels"] = _batch_slice(labels, i, batch_size, num_samples)
     if guidance_scale is not None:
       cond["guidance_scale"] = _batch_slice(guidance_scale, i, batch_size, num_samples)
+    if low_res is not None:
+      cond["low_res"] = _batch_slice(low_res, i, batch_size, num_samples)
     images = sample_fn(params, rng, jnp.float32(eta), **cond)
     out.append(metrics.to_uint8(parallel.to_host(images)))
     elapsed = time.perf_counter() - start

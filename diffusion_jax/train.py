@@ -18,14 +18,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import (checkpointing, config_lib, diffusion, guidance, input_pipeline,
+from diffusion_jax import (checkpointing, conditioning, config_lib, diffusion, input_pipeline,
                            metrics, models, optim, parallel, preemption, sample)
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
 _INIT, _TRAIN, _GRID = 0, 1, 2
-# Folded into a step's key for conditioning dropout (leaves the other draws as before).
-_COND_DROP = 3
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,19 +67,16 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
   then the EMA. The randomness of step n is fold_in(key, n), so a resumed run
   draws what an uninterrupted one would. The old state is donated. With
   conditioning.type == "class" the batch's labels condition the model, each
-  replaced by the null class with probability conditioning.p_uncond.
+  replaced by the null class with probability conditioning.p_uncond; a
+  super-resolution stage also gets the batch's augmented low-resolution image
+  (conditioning.train_cond).
   """
   df, o = config.diffusion, config.optim
-  class_cond = config.conditioning.type == "class"
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array):
     rng = jax.random.fold_in(key, state.step)
     dropout_rng, diffusion_rng = jax.random.split(rng)
-    cond = None
-    if class_cond:
-      cond = {"label": guidance.drop_labels(
-          jax.random.fold_in(rng, _COND_DROP), batch["label"],
-          config.conditioning.p_uncond, config.model.num_classes)}
+    cond = conditioning.train_cond(config, schedule, batch, rng)
 
     def loss_fn(params):
       def denoise_fn(x, t):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (checkpointing, config_lib, guidance, models, optim, parallel, sample,
-                           train)
+from diffusion_jax import (checkpointing, conditioning, config_lib, guidance, models, optim,
+                           parallel, sample, train)
 from diffusion_jax.train_state import TrainState
 from tests.conftest import apply_overrides
 
@@ -93,7 +93,7 @@ def test_guided_sampler_compiles_once_for_any_scale(digits_dir, tmp_path):
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, 1)
   params = jax.jit(lambda x: model.init(jax.random.key(0), x, jnp.zeros(4, jnp.int32),
-                                        sample.init_cond(config, 4), train=False))(
+                                        conditioning.init_cond(config, 4), train=False))(
                                             jnp.zeros((4, 8, 8, 1)))["params"]
   # The output conv starts at zero: perturb every parameter so labels matter.
   leaves, tree = jax.tree.flatten(params)

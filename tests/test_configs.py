@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, models, optim, parallel, sample, train
+from diffusion_jax import conditioning, config_lib, models, optim, parallel, sample, train
 
 CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256", "digits_cond", "imagenet64_cond"]
 # Parameter counts by jax.eval_shape; the DDPM paper's 35.7M and 114M.
@@ -21,7 +21,7 @@ def _param_count(config):
   model = models.create_model(config.model, config.data.channels)
   shape = (1,) + sample.image_shape(config)
   params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32), sample.init_cond(config),
+      jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32), conditioning.init_cond(config),
       train=False))
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 

@@ -151,16 +151,25 @@ class ResBlock(nn.Module):
   a 1x1 conv (`nin_shortcut`) when the channel count changes. With `resample`,
   both branches are resampled (average pool / nearest) after the first activation.
 
+  With `scale_shift_norm` (improved-diffusion's `use_scale_shift_norm`), the
+  embedding instead enters after `norm2` as `norm2(h) * (1 + scale) + shift`
+  (`temb_proj` is then 2 * out_ch wide). Why: a per-channel constant added
+  before a GroupNorm whose groups hold one channel (32 channels in 32 groups)
+  is removed again by the normalisation, so a DDPM block at that width cannot
+  see the timestep or the conditioning at all.
+
   Attributes:
     out_ch: output channels.
     dropout: dropout rate before `conv2` (active only when `train`).
     resample: "none", "down" or "up".
+    scale_shift_norm: inject `temb` as a scale and shift after `norm2`.
   """
   out_ch: int
   dropout: float = 0.0
   resample: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scale_shift_norm: bool = False
 
   def _conv(self, ch: int, name: str, size: int = 3, init=None) -> nn.Conv:
     return nn.Conv(ch, (size, size), kernel_init=init or default_init(), dtype=self.dtype,
@@ -192,9 +201,16 @@ class ResBlock(nn.Module):
     h = nn.swish(group_norm(x, "norm1", self.dtype, self.param_dtype))
     h, x = self._resample(h), self._resample(x)
     h = self._conv(self.out_ch, "conv1")(h)
-    h += nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(group_norm(h, "norm2", self.dtype, self.param_dtype))
+    width = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
+    emb = nn.Dense(width, kernel_init=default_init(), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="temb_proj")(nn.swish(temb))
+    emb = emb[:, None, None, :]
+    if self.scale_shift_norm:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = group_norm(h, "norm2", self.dtype, self.param_dtype) * (1 + scale) + shift
+    else:
+      h = group_norm(h + emb, "norm2", self.dtype, self.param_dtype)
+    h = nn.swish(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = self._conv(self.out_ch, "conv2", init=zero_init)(h)
     if x.shape[-1] != self.out_ch:

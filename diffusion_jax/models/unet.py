@@ -21,6 +21,11 @@ for, and no others:
   at `cross_attn_resolutions` (Imagen style); `'mask'`: optional `[B, L]` bool, True
   = attend. A row with every token masked gets zero cross-attention output, which
   makes an all-False mask a null condition.
+* `'low_res'`: `[B, h, w, low_res_channels]` float, the (augmented) low-resolution
+  image of a super-resolution stage; upsampled to H x W (`low_res_upsample`) and
+  concatenated with x as input channels (CDM / GLIDE / Imagen). `'aug_level'`:
+  `[B]` int32, its noise-augmentation level (superres.py), embedded like a
+  timestep and added to the timestep embedding. Both are needed together.
 
 Resolutions (`attn_resolutions`, `cross_attn_resolutions`) are feature-map heights
 inside the U-Net, i.e. after the `patch_size` space-to-depth stem; sizes that do
@@ -33,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import superres
 from diffusion_jax.models import layers
 
 Dtype = Any
@@ -69,7 +75,8 @@ def _check_fields(m: "UNet") -> None:
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"UNet.{name} must be an int >= 1, got {v!r}")
   nonneg = dict(head_dim=m.head_dim, out_channels=m.out_channels, num_classes=m.num_classes,
-                cond_vector_dim=m.cond_vector_dim, cross_attn_dim=m.cross_attn_dim)
+                cond_vector_dim=m.cond_vector_dim, cross_attn_dim=m.cross_attn_dim,
+                low_res_channels=m.low_res_channels)
   for name, v in nonneg.items():
     if not isinstance(v, int) or v < 0:
       raise ValueError(f"UNet.{name} must be an int >= 0, got {v!r}")
@@ -91,6 +98,9 @@ def _check_fields(m: "UNet") -> None:
     raise ValueError(
         "UNet.cross_attn_dim > 0 and a non-empty cross_attn_resolutions go together; got "
         f"cross_attn_dim={m.cross_attn_dim}, cross_attn_resolutions={m.cross_attn_resolutions}")
+  if m.low_res_upsample not in superres.UPSAMPLE_METHODS:
+    raise ValueError(f"UNet.low_res_upsample must be one of {superres.UPSAMPLE_METHODS}, "
+                     f"got {m.low_res_upsample!r}")
   for name in ("dtype", "param_dtype"):
     if not jnp.issubdtype(getattr(m, name), jnp.floating):
       raise ValueError(f"UNet.{name} must be a float dtype, got {getattr(m, name)!r}")
@@ -125,6 +135,13 @@ class UNet(nn.Module):
     cond_vector_dim: > 0 adds a projected `[B, cond_vector_dim]` vector input.
     cross_attn_dim: > 0 adds cross-attention to `[B, L, cross_attn_dim]` tokens.
     cross_attn_resolutions: feature-map heights with cross-attention.
+    low_res_channels: > 0 makes a super-resolution model: takes `cond['low_res']`
+      with this many channels and `cond['aug_level']`.
+    low_res_upsample: how `low_res` is resized to the input size ("nearest",
+      "bilinear", "bicubic").
+    scale_shift_norm: ResBlocks take the embedding as a scale and shift after
+      their second GroupNorm (improved-diffusion); needed for the embedding to
+      reach levels of 32 channels (layers.ResBlock).
   """
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -144,6 +161,9 @@ class UNet(nn.Module):
   cond_vector_dim: int = 0
   cross_attn_dim: int = 0
   cross_attn_resolutions: tuple[int, ...] = ()
+  low_res_channels: int = 0
+  low_res_upsample: str = "bilinear"
+  scale_shift_norm: bool = False
 
   def __post_init__(self):
     _check_fields(self)  # At build time, before any input is seen.
@@ -174,7 +194,11 @@ class UNet(nn.Module):
     out_ch = self.out_channels or x.shape[-1]
     temb = self._embed(t, cond)
     ctx = (cond["tokens"], cond.get("mask")) if self.cross_attn_dim else None
-    h = space_to_depth(x.astype(self.dtype), self.patch_size)
+    h = x.astype(self.dtype)
+    if self.low_res_channels:  # super-resolution: the upsampled image as extra channels
+      low = superres.upsample(cond["low_res"], x.shape[1], self.low_res_upsample)
+      h = jnp.concatenate([h, low.astype(self.dtype)], axis=-1)
+    h = space_to_depth(h, self.patch_size)
     h = nn.Conv(self.ch, (3, 3), kernel_init=layers.default_init(), dtype=self.dtype,
                 param_dtype=self.param_dtype, name="conv_in")(h)
     h, skips = self._down(h, temb, ctx, train)
@@ -197,13 +221,16 @@ class UNet(nn.Module):
       temb += nn.Dense(4 * self.ch, kernel_init=layers.default_init(), dtype=self.dtype,
                        param_dtype=self.param_dtype,
                        name="vector_proj")(cond["vector"].astype(self.dtype))
+    if self.low_res_channels:
+      temb += layers.TimestepEmbed(self.ch, self.dtype, self.param_dtype,
+                                   name="aug_emb")(cond["aug_level"])
     return temb
 
   def _block(self, h: jax.Array, temb: jax.Array, out_ch: int, train: bool, name: str,
              resample: str = "none") -> jax.Array:
     cls = _RematResBlock if self.remat else layers.ResBlock
     return cls(out_ch, self.dropout, resample, self.dtype, self.param_dtype,
-               name=name)(h, temb, train)
+               self.scale_shift_norm, name=name)(h, temb, train)
 
   def _attn(self, h: jax.Array, ctx, prefix: str, j: int, always: bool = False) -> jax.Array:
     """Self-attention (and cross-attention) if this feature-map size asks for it."""
@@ -282,9 +309,11 @@ class UNet(nn.Module):
 
   def _check_cond(self, cond: dict, b: int) -> None:
     built = {"label": self.num_classes, "vector": self.cond_vector_dim,
-             "tokens": self.cross_attn_dim, "mask": self.cross_attn_dim}
+             "tokens": self.cross_attn_dim, "mask": self.cross_attn_dim,
+             "low_res": self.low_res_channels, "aug_level": self.low_res_channels}
     field = {"label": "num_classes", "vector": "cond_vector_dim", "tokens": "cross_attn_dim",
-             "mask": "cross_attn_dim"}
+             "mask": "cross_attn_dim", "low_res": "low_res_channels",
+             "aug_level": "low_res_channels"}
     for key in cond:
       if key not in built:
         raise ValueError(f"unknown cond key {key!r}; valid keys: {sorted(built)}")
@@ -292,8 +321,9 @@ class UNet(nn.Module):
         raise ValueError(f"cond[{key!r}] given, but the model was built with "
                          f"{field[key]}=0; build it with {field[key]} > 0 or drop the key")
     shapes = {"label": (b,), "vector": (b, self.cond_vector_dim),
-              "tokens": (b, None, self.cross_attn_dim), "mask": (b, None)}
-    for key in ("label", "vector", "tokens"):
+              "tokens": (b, None, self.cross_attn_dim), "mask": (b, None),
+              "low_res": (b, None, None, self.low_res_channels), "aug_level": (b,)}
+    for key in ("label", "vector", "tokens", "low_res", "aug_level"):
       if built[key] and key not in cond:
         hint = (f"; pass jnp.full([B], {self.num_classes}) for the null class"
                 if key == "label" else "")

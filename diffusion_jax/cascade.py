@@ -1,0 +1,138 @@
+"""Cascaded sampling: a base model, then each super-resolution stage in turn.
+
+A cascade config (configs/cascade.py) holds `cascade` (what to draw) and one
+complete run config per stage, `stage_0` (the base) to `stage_{n-1}`, each
+loaded from that stage's training workdir, so every sampler setting of a
+stage can be overridden (`--config.stage_1.sample.num_steps=20`,
+`--config.stage_1.superres.sample_aug_level=0.1`).
+
+Stage i > 0 is a super-resolution model whose `data.low_res_size` is stage
+i-1's `data.image_size`; it samples conditioned on stage i-1's output (as
+uint8, exactly what was written to disk), noise-augmented at its own
+`superres.sample_aug_level`. Labels of a class-conditional cascade go to
+every stage that takes them.
+
+Writes, under `<workdir>/samples/`: `<name>_stage<i>_<size>.npz` for each
+stage (arr_0 uint8 [N, S, S, C], plus `labels`) and `<name>.png`, one row
+per sample with every stage side by side at the final size.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion_jax import (checkpointing, conditioning, config_lib, guidance, metrics, models,
+                           parallel)
+from diffusion_jax import sample as sample_lib
+
+
+def stages(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """The stage configs `stage_0`, ..., in order (as many as cascade.workdirs)."""
+  n = len(config.cascade.workdirs)
+  missing = [f"stage_{i}" for i in range(n) if f"stage_{i}" not in config]
+  if missing:
+    raise ValueError(f"The cascade names {n} workdirs but the config lacks {missing}; build "
+                     "it with configs/cascade.py:DIR0,DIR1,...")
+  return [config[f"stage_{i}"] for i in range(n)]
+
+
+def check_chain(stage_configs: list[ml_collections.ConfigDict]) -> None:
+  """Raises ValueError unless the stages chain: sizes, channels, conditioning."""
+  if len(stage_configs) < 2:
+    raise ValueError(f"A cascade needs a base and at least one super-resolution stage; got "
+                     f"{len(stage_configs)} stage(s).")
+  if conditioning.is_superres(stage_configs[0]):
+    raise ValueError("stage_0 is a super-resolution model (model.low_res_channels > 0); the "
+                     "first stage must be a base model.")
+  for i in range(1, len(stage_configs)):
+    prev, cur = stage_configs[i - 1].data, stage_configs[i]
+    if not conditioning.is_superres(cur):
+      raise ValueError(f"stage_{i} is not a super-resolution model (model.low_res_channels "
+                       "= 0); every stage after the first must be one.")
+    if cur.data.low_res_size != prev.image_size or cur.data.channels != prev.channels:
+      raise ValueError(
+          f"The stages do not chain: stage_{i - 1} makes {prev.image_size}x{prev.image_size}x"
+          f"{prev.channels} images, but stage_{i} upsamples {cur.data.low_res_size}x"
+          f"{cur.data.low_res_size}x{cur.data.channels} (data.low_res_size, data.channels).")
+  for i, s in enumerate(stage_configs):
+    config_lib.validate(s)
+
+
+def cascade_labels(config: ml_collections.ConfigDict,
+                   stage_configs: list[ml_collections.ConfigDict]):
+  """int32 [N] labels for a class-conditional cascade, else None."""
+  c = config.cascade
+  num_classes = {s.model.num_classes for s in stage_configs if s.model.num_classes}
+  if not num_classes:
+    if str(c.labels).strip():
+      raise ValueError(f"cascade.labels={c.labels!r}, but no stage is class-conditional.")
+    return None
+  if len(num_classes) > 1:
+    raise ValueError(f"The class-conditional stages disagree on model.num_classes: "
+                     f"{sorted(num_classes)}.")
+  if not stage_configs[0].model.num_classes:
+    raise ValueError("A later stage is class-conditional but the base (stage_0) is not, so "
+                     "its labels would not match the base samples.")
+  return guidance.parse_labels(c.labels, num_classes.pop(), c.num_samples)
+
+
+def _sample_stage(stage_config, workdir: str, labels, low_res, num_samples: int,
+                  batch_size: int, seed: int) -> np.ndarray:
+  """uint8 [N, S, S, C] from one stage's latest (or configured) EMA parameters."""
+  checkpointing.check_compatible(workdir, stage_config)
+  sample_lib.check_sample_request(stage_config, checkpointing.load_config(workdir))
+  mesh = parallel.make_mesh()
+  model = models.create_model(stage_config.model, stage_config.data.channels)
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  params, step = ckpt.restore_ema_params(sample_lib.abstract_params(model, stage_config, mesh),
+                                         stage_config.sample.checkpoint_step)
+  ckpt.close()
+  logging.info("Stage %s: EMA parameters of step %d", workdir, step)
+  fn = sample_lib.make_sample_fn(model, sample_lib.make_schedule(stage_config), stage_config,
+                                 batch_size, mesh)
+  return sample_lib.generate(fn, params, num_samples, batch_size, seed,
+                             stage_config.sample.eta,
+                             labels=labels if stage_config.model.num_classes else None,
+                             low_res=low_res)
+
+
+def side_by_side(outputs: list[np.ndarray], max_rows: int = 16) -> np.ndarray:
+  """[rows * n_stages, S, S, C] uint8: each stage's sample upscaled (nearest) to the
+  final size S, stages of one sample next to each other."""
+  size = outputs[-1].shape[1]
+  rows = min(max_rows, len(outputs[-1]))
+  tiles = []
+  for r in range(rows):
+    for out in outputs:
+      k = size // out.shape[1]
+      tiles.append(np.repeat(np.repeat(out[r], k, axis=0), k, axis=1))
+  return np.stack(tiles)
+
+
+def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Samples every stage in turn; returns the .npz paths (process 0; else [])."""
+  c = config.cascade
+  stage_configs = stages(config)
+  check_chain(stage_configs)
+  labels = cascade_labels(config, stage_configs)
+  outputs, low_res = [], None
+  for i, (stage_config, stage_dir) in enumerate(zip(stage_configs, c.workdirs)):
+    images = _sample_stage(stage_config, stage_dir, labels, low_res, c.num_samples,
+                           c.batch_size, c.seed + i)
+    outputs.append(images)
+    low_res = images.astype(np.float32) / 127.5 - 1.0  # what the next stage conditions on
+  if jax.process_index() != 0:
+    return []
+  out_dir = os.path.join(workdir, "samples")
+  paths = []
+  for i, images in enumerate(outputs):
+    name = f"{c.name}_stage{i}_{images.shape[1]}"
+    paths.append(sample_lib.save_samples(out_dir, name, images, labels))
+  metrics.save_image_grid(os.path.join(out_dir, c.name + ".png"), side_by_side(outputs),
+                          nrow=len(outputs), upscale=max(1, 64 // outputs[-1].shape[1]))
+  logging.info("Wrote %d cascade samples per stage to %s", c.num_samples, out_dir)
+  return paths

@@ -1,0 +1,285 @@
+"""Super-resolution stages and cascades: augmentation maths, model input, data pairs,
+training, the cascade pipeline, PSNR/SSIM."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs import cascade as cascade_config
+from configs import test as test_config
+from diffusion_jax import (cascade, conditioning, config_lib, input_pipeline, models,
+                           parallel, sample, schedules, superres, train)
+from diffusion_jax.evaluation import image_metrics
+from tests.conftest import apply_overrides
+
+# ---- Augmentation maths -------------------------------------------------------------
+
+
+def test_level_zero_leaves_the_input_unchanged_and_last_level_destroys_it():
+  schedule = schedules.make_schedule("linear", 1000)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (64, 8, 8, 3)).astype(np.float32)
+  noise = rng.standard_normal(x.shape).astype(np.float32)
+  same = superres.noise_augment(schedule, x, jnp.zeros((64,), jnp.int32), noise)
+  np.testing.assert_array_equal(np.asarray(same), x)
+  gone = np.asarray(superres.noise_augment(schedule, x, jnp.full((64,), 999), noise))
+  corr = np.corrcoef(gone.ravel(), x.ravel())[0, 1]
+  assert abs(corr) < 0.02, corr  # signal weight sqrt(abar[998]) ~ 0.0064
+  np.testing.assert_allclose(gone.std(), 1.0, rtol=0.05)
+
+
+def test_noise_augment_matches_the_forward_process_in_float64():
+  schedule = schedules.make_schedule("cosine", 100)
+  betas = np.asarray(schedule.betas, np.float64)
+  abar = np.cumprod(1.0 - betas)
+  rng = np.random.default_rng(1)
+  x = rng.uniform(-1, 1, (5, 4, 4, 1))
+  noise = rng.standard_normal(x.shape)
+  level = np.array([0, 1, 2, 50, 99])
+  sig = np.where(level == 0, 1.0, abar[np.maximum(level - 1, 0)])[:, None, None, None]
+  want = np.sqrt(sig) * x + np.sqrt(1 - sig) * noise
+  got = superres.noise_augment(schedule, jnp.float32(x), jnp.asarray(level),
+                               jnp.float32(noise))
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+
+
+def test_level_from_fraction():
+  assert superres.level_from_fraction(0.0, 1000) == 0
+  assert superres.level_from_fraction(0.2, 1000) == 200
+  assert superres.level_from_fraction(1.0, 1000) == 999
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    superres.level_from_fraction(1.5, 1000)
+
+
+def test_gaussian_blur_matches_scipy_per_example_sigma():
+  rng = np.random.default_rng(2)
+  x = rng.uniform(-1, 1, (3, 12, 10, 2))
+  sigma = np.array([0.4, 0.6, 1.3])
+  radius = 6
+  got = np.asarray(superres.gaussian_blur(jnp.float32(x), jnp.float32(sigma), radius))
+  for i, s in enumerate(sigma):
+    want = ndimage.gaussian_filter1d(x[i], s, axis=0, mode="reflect", radius=radius)
+    want = ndimage.gaussian_filter1d(want, s, axis=1, mode="reflect", radius=radius)
+    np.testing.assert_allclose(got[i], want, atol=1e-5)
+  same = superres.gaussian_blur(jnp.float32(x), jnp.zeros((3,)), 3)
+  np.testing.assert_allclose(np.asarray(same), x, atol=1e-6)
+
+
+def test_upsample_nearest_repeats_pixels():
+  x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
+  up = np.asarray(superres.upsample(x, 8, "nearest"))
+  np.testing.assert_array_equal(up, np.repeat(np.repeat(x, 2, 1), 2, 2))
+  with pytest.raises(ValueError, match="lanczos"):
+    superres.upsample(x, 8, "lanczos")
+
+
+# ---- Model input, data pairs, config -----------------------------------------------
+
+
+def _sr_config(data_dir="", **overrides):
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.low_res_size = 8
+  config.model.low_res_channels = 1
+  return apply_overrides(config, **overrides)
+
+
+def test_conditioning_image_reaches_the_model_at_the_right_size_and_channels(monkeypatch):
+  from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+  config = _sr_config(model__low_res_upsample="nearest", model__ch_mult=(1,),
+                      model__attn_resolutions=())  # one level: quick to compile
+  model = models.create_model(config.model, 1)
+  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
+  # conv_in sees x and the upsampled low-res image, after the 2x2 space-to-depth stem.
+  assert params["conv_in"]["kernel"].shape == (3, 3, 2 * 2 * (1 + 1), 32)
+  seen = []
+  original = unet.space_to_depth
+  monkeypatch.setattr(unet, "space_to_depth", lambda h, p: seen.append(h) or original(h, p))
+  x = jnp.zeros((2, 16, 16, 1))
+  low = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
+  cond = {"low_res": low, "aug_level": jnp.zeros((2,), jnp.int32)}
+  out = model.apply({"params": params}, x, jnp.zeros((2,), jnp.int32), cond, train=False)
+  assert out.shape == (2, 16, 16, 1)
+  (h,) = seen
+  assert h.shape == (2, 16, 16, 2)  # [x, upsampled low_res] on the channel axis
+  np.testing.assert_array_equal(np.asarray(h[..., 1:]),
+                                np.repeat(np.repeat(np.asarray(low), 2, 1), 2, 2))
+  # The low-res image and the level both change the output.
+  f = _perturbed_model_fn(config.model, config, x)
+  base = f(cond)
+  assert np.abs(f({**cond, "low_res": -low}) - base).max() > 1e-4
+  # In this one-level, 32-channel U-Net the DDPM block's GroupNorm(32) removes the
+  # embedding again (layers.ResBlock): the level cannot reach the output ...
+  assert np.abs(f({**cond, "aug_level": jnp.full((2,), 50)}) - base).max() < 1e-4
+  # ... unless the embedding enters after the norm (scale_shift_norm).
+  f = _perturbed_model_fn({**config.model, "scale_shift_norm": True}, config, x)
+  assert np.abs(f({**cond, "aug_level": jnp.full((2,), 50)}) - f(cond)).max() > 1e-3
+
+
+def _perturbed_model_fn(model_config, config, x):
+  """cond -> output of a model whose parameters are all perturbed: the last conv of
+  each ResBlock and conv_out start at zero (as DDPM), which would hide the level."""
+  model = models.create_model(model_config, 1)
+  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
+                                     for a, k in zip(leaves, keys)])
+  t = jnp.zeros((x.shape[0],), jnp.int32)
+  apply = jax.jit(lambda c: model.apply({"params": params}, x, t, c, train=False))
+  return lambda c: np.asarray(apply(c))
+
+
+def test_wrong_low_res_inputs_are_clear_errors():
+  config = _sr_config()
+  model = models.create_model(config.model, 1)
+  x, t = jnp.zeros((2, 16, 16, 1)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match=r"needs cond\['low_res'\]"):
+    model.init(jax.random.key(0), x, t, None, train=False)
+  with pytest.raises(ValueError, match=r"cond\['low_res'\] must have shape"):
+    model.init(jax.random.key(0), x, t, {"low_res": jnp.zeros((2, 8, 8, 3)),
+                                         "aug_level": t}, train=False)
+  with pytest.raises(ValueError, match="low_res_channels"):
+    config_lib.validate(_sr_config(model__low_res_channels=0))
+  with pytest.raises(ValueError, match="must lie in"):
+    config_lib.validate(_sr_config(data__low_res_size=16))
+  with pytest.raises(ValueError, match="noise_aug_max"):
+    config_lib.validate(_sr_config(superres__noise_aug_max=2.0))
+
+
+def test_pipeline_gives_antialiased_low_res_pairs(digits_dir):
+  config = _sr_config(digits_dir)
+  batch = next(input_pipeline.create_train_iterator(config.data, 8, 0))
+  hi, lo = batch["image"], batch["low_res"]
+  assert hi.shape == (8, 16, 16, 1) and lo.shape == (8, 8, 8, 1)
+  # 16 -> 8 is an exact 2x2 box average (PIL reduce) of the uint8 image.
+  hi_u8 = np.round((hi + 1) * 127.5)
+  box = hi_u8.reshape(8, 8, 2, 8, 2, 1).mean(axis=(2, 4))
+  np.testing.assert_allclose((lo + 1) * 127.5, np.round(box), atol=0.51)
+
+
+def test_train_cond_levels_stay_in_range_and_blur_applies():
+  config = _sr_config(superres__noise_aug_max=0.3, superres__blur_prob=1.0)
+  schedule = sample.make_schedule(config)  # T = 100: levels in {0, ..., 30}
+  low = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (512, 8, 8, 1)), jnp.float32)
+  batch = {"image": jnp.zeros((512, 16, 16, 1)), "label": jnp.zeros((512,), jnp.int32),
+           "low_res": low}
+  cond = conditioning.train_cond(config, schedule, batch, jax.random.key(3))
+  level = np.asarray(cond["aug_level"])
+  assert level.min() == 0 and level.max() == 30 and len(np.unique(level)) == 31
+  clean = level == 0  # level 0: only the blur acted, which lowers the variance
+  assert clean.any()
+  assert np.asarray(cond["low_res"])[clean].std() < 0.9 * np.asarray(low)[clean].std()
+
+
+# ---- Training, cascade pipeline ----------------------------------------------------
+
+
+def _stage(data_dir, size, low_res, **overrides):
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.image_size = size
+  config.model.patch_size = 1 if size == 8 else 2
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()  # one level: quick compiles
+  config.model.num_classes, config.conditioning.type = 10, "class"
+  if low_res:
+    config.data.low_res_size, config.model.low_res_channels = low_res, 1
+  t = config.training
+  t.num_train_steps = t.checkpoint_every_steps = 2
+  t.sample_every_steps = 0
+  config.sample.num_steps = 3
+  return apply_overrides(config, **overrides)
+
+
+@pytest.fixture(scope="module")
+def two_stages(digits_dir, tmp_path_factory):
+  """An 8x8 class-conditional base and an 8 -> 16 upsampler, two steps each."""
+  dirs = []
+  for name, cfg in (("base", _stage(digits_dir, 8, 0)),
+                    ("sr", _stage(digits_dir, 16, 8, superres__blur_prob=0.5))):
+    dirs.append(str(tmp_path_factory.mktemp(name)))
+    state = train.train_and_evaluate(cfg, dirs[-1])
+    assert int(state.step) == 2
+  return dirs
+
+
+def test_cascade_carries_labels_through_every_stage(two_stages, tmp_path):
+  config = cascade_config.get_config(",".join(two_stages))
+  config.cascade.num_samples, config.cascade.batch_size = 12, 8
+  config.cascade.labels = "3,7"
+  paths = cascade.sample_cascade(config, str(tmp_path))
+  base, sr = (np.load(p) for p in paths)
+  assert base["arr_0"].shape == (12, 8, 8, 1) and sr["arr_0"].shape == (12, 16, 16, 1)
+  want = np.array([3, 7] * 6)
+  np.testing.assert_array_equal(base["labels"], want)
+  np.testing.assert_array_equal(sr["labels"], want)
+  assert os.path.exists(os.path.join(tmp_path, "samples", "cascade.png"))
+
+
+def test_stages_that_do_not_chain_are_a_clear_error(two_stages):
+  config = cascade_config.get_config(",".join(two_stages))
+  config.stage_1.data.low_res_size = 4
+  with pytest.raises(ValueError, match="do not chain: stage_0 makes 8x8x1 images, but "
+                     "stage_1 upsamples 4x4x1"):
+    cascade.check_chain(cascade.stages(config))
+  swapped = cascade_config.get_config(",".join(two_stages[::-1]))
+  with pytest.raises(ValueError, match="first stage must be a base model"):
+    cascade.check_chain(cascade.stages(swapped))
+
+
+def test_sr_sampler_needs_low_res_of_the_right_shape(two_stages):
+  config = cascade_config.get_config(",".join(two_stages)).stage_1
+  mesh = parallel.make_mesh()
+  model = models.create_model(config.model, 1)
+  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, 4, mesh)
+  params = sample.init_params(model, config, jax.random.key(0))
+  with pytest.raises(ValueError, match="needs low_res"):
+    fn(params, jax.random.key(0), 0.0)
+  with pytest.raises(ValueError, match=r"low_res must have shape \(4, 8, 8, 1\)"):
+    fn(params, jax.random.key(0), 0.0, low_res=np.zeros((4, 16, 16, 1)))
+
+
+# ---- PSNR / SSIM ---------------------------------------------------------------------
+
+
+def test_psnr_closed_form():
+  a = np.full((2, 8, 8, 3), 100, np.uint8)
+  b = a.copy()
+  b[1] += 5
+  np.testing.assert_allclose(image_metrics.psnr(a, b), [np.inf, 10 * np.log10(255**2 / 25)])
+
+
+def _ssim_naive(a, b):
+  """SSIM by explicit 11x11 windows (an independent, slow reference)."""
+  x = np.arange(-5, 6)
+  g = np.exp(-0.5 * (x / 1.5) ** 2)
+  w = np.outer(g, g) / np.outer(g, g).sum()
+  c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+  vals = []
+  for ch in range(a.shape[-1]):
+    for i in range(a.shape[0] - 10):
+      for j in range(a.shape[1] - 10):
+        pa, pb = a[i:i + 11, j:j + 11, ch], b[i:i + 11, j:j + 11, ch]
+        ma, mb = (w * pa).sum(), (w * pb).sum()
+        va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+        cov = (w * (pa - ma) * (pb - mb)).sum()
+        vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+  return np.mean(vals)
+
+
+def test_ssim_matches_a_windowed_reference():
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 256, (2, 16, 14, 3)).astype(np.uint8)
+  b = np.clip(a + rng.normal(0, 30, a.shape), 0, 255).astype(np.uint8)
+  got = image_metrics.ssim(a, b)
+  want = [_ssim_naive(a[i].astype(float), b[i].astype(float)) for i in range(2)]
+  np.testing.assert_allclose(got, want, rtol=1e-9)
+  np.testing.assert_allclose(image_metrics.ssim(a, a), 1.0)
+  assert got.max() < 0.97
+  unrelated = rng.integers(0, 256, a.shape).astype(np.uint8)
+  assert np.abs(image_metrics.ssim(a, unrelated)).max() < 0.1
+  with pytest.raises(ValueError, match="11x11"):
+    image_metrics.ssim(a[:, :8, :8], b[:, :8, :8])
