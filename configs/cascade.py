@@ -24,6 +24,7 @@ def get_config(workdirs: str):
   c.batch_size = 64  # Global per-call batch of every stage; must divide over devices.
   c.seed = 0  # Stage i uses seed + i.
   c.labels = ""  # Class-conditional cascades: "", "all", "7", "1,3,5".
+  c.captions = ""  # Text-conditional cascades: "a;b" or "@FILE", as sample.captions.
   c.name = "cascade"
   for i, d in enumerate(dirs):
     config[f"stage_{i}"] = from_workdir.get_config(d)

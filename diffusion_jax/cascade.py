@@ -9,8 +9,8 @@ stage can be overridden (`--config.stage_1.sample.num_steps=20`,
 Stage i > 0 is a super-resolution model whose `data.low_res_size` is stage
 i-1's `data.image_size`; it samples conditioned on stage i-1's output (as
 uint8, exactly what was written to disk), noise-augmented at its own
-`superres.sample_aug_level`. Labels of a class-conditional cascade go to
-every stage that takes them.
+`superres.sample_aug_level`. Labels (`cascade.labels`) and captions
+(`cascade.captions`) go to every stage that takes them.
 
 Writes, under `<workdir>/samples/`: `<name>_stage<i>_<size>.npz` for each
 stage (arr_0 uint8 [N, S, S, C], plus `labels`) and `<name>.png`, one row
@@ -19,6 +19,7 @@ per sample with every stage side by side at the final size.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 import ml_collections
@@ -80,7 +81,33 @@ def cascade_labels(config: ml_collections.ConfigDict,
   return guidance.parse_labels(c.labels, num_classes.pop(), c.num_samples)
 
 
-def _sample_stage(stage_config, workdir: str, labels, low_res, num_samples: int,
+def cascade_captions(config: ml_collections.ConfigDict,
+                     stage_configs: list[ml_collections.ConfigDict]) -> Optional[list[str]]:
+  """The captions of a text-conditioned cascade (cascade.captions), else None."""
+  c = config.cascade
+  text_stages = [s for s in stage_configs if conditioning.is_text(s)]
+  if not text_stages:
+    if str(c.captions).strip():
+      raise ValueError(f"cascade.captions={c.captions!r}, but no stage is text-conditioned.")
+    return None
+  if not conditioning.is_text(stage_configs[0]):
+    raise ValueError("A later stage is text-conditioned but the base (stage_0) is not, so the "
+                     "captions would not match the base samples.")
+  spec = ml_collections.ConfigDict({"sample": {"captions": c.captions},
+                                    "conditioning": {"type": "text"}})
+  return sample_lib.sample_captions(spec, c.num_samples)
+
+
+def _stage_text(stage_config, captions) -> dict:
+  """generate()'s text arguments for a stage (empty unless it is text-conditioned)."""
+  if captions is None or not conditioning.is_text(stage_config):
+    return {}
+  from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
+  encode = conditioner.TextConditioner(stage_config)
+  return dict(text=encode(captions), null_text=encode.null(1))
+
+
+def _sample_stage(stage_config, workdir: str, labels, captions, low_res, num_samples: int,
                   batch_size: int, seed: int) -> np.ndarray:
   """uint8 [N, S, S, C] from one stage's latest (or configured) EMA parameters."""
   checkpointing.check_compatible(workdir, stage_config)
@@ -97,7 +124,7 @@ def _sample_stage(stage_config, workdir: str, labels, low_res, num_samples: int,
   return sample_lib.generate(fn, params, num_samples, batch_size, seed,
                              stage_config.sample.eta,
                              labels=labels if stage_config.model.num_classes else None,
-                             low_res=low_res)
+                             low_res=low_res, **_stage_text(stage_config, captions))
 
 
 def side_by_side(outputs: list[np.ndarray], max_rows: int = 16) -> np.ndarray:
@@ -119,9 +146,10 @@ def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]
   stage_configs = stages(config)
   check_chain(stage_configs)
   labels = cascade_labels(config, stage_configs)
+  captions = cascade_captions(config, stage_configs)
   outputs, low_res = [], None
   for i, (stage_config, stage_dir) in enumerate(zip(stage_configs, c.workdirs)):
-    images = _sample_stage(stage_config, stage_dir, labels, low_res, c.num_samples,
+    images = _sample_stage(stage_config, stage_dir, labels, captions, low_res, c.num_samples,
                            c.batch_size, c.seed + i)
     outputs.append(images)
     low_res = images.astype(np.float32) / 127.5 - 1.0  # what the next stage conditions on
@@ -131,7 +159,7 @@ def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]
   paths = []
   for i, images in enumerate(outputs):
     name = f"{c.name}_stage{i}_{images.shape[1]}"
-    paths.append(sample_lib.save_samples(out_dir, name, images, labels))
+    paths.append(sample_lib.save_samples(out_dir, name, images, labels, captions))
   metrics.save_image_grid(os.path.join(out_dir, c.name + ".png"), side_by_side(outputs),
                           nrow=len(outputs), upscale=max(1, 64 // outputs[-1].shape[1]))
   logging.info("Wrote %d cascade samples per stage to %s", c.num_samples, out_dir)

@@ -79,10 +79,33 @@ def _validate_superres(config: ml_collections.ConfigDict) -> None:
            f"{sr.blur_sigma_max} must satisfy 0 <= min <= max.")
 
 
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+  """Text conditioning: captions in the data, an encoder the model matches."""
+  c, m, d, s = config.conditioning, config.model, config.data, config.sample
+  if c.type != "text":
+    _require(m.name != "text_unet", "model.name='text_unet' needs conditioning.type='text'.")
+    _require(not str(s.get("captions", "")).strip(),
+             f"sample.captions={s.captions!r}, but the model is not text-conditioned "
+             f"(conditioning.type={c.type!r}); it cannot follow captions.")
+    return
+  _require(bool(d.caption_key), "conditioning.type='text' needs data.caption_key (the "
+           "caption feature, e.g. 'caption' for the shapes data set).")
+  _one_of("conditioning.text_encoder", c.text_encoder, ("trained", "frozen"))
+  want = "text_unet" if c.text_encoder == "trained" else "unet"
+  _require(m.name == want, f"conditioning.text_encoder={c.text_encoder!r} needs "
+           f"model.name={want!r}, got {m.name!r}.")
+  _require(m.cross_attn_dim > 0 and m.cond_vector_dim > 0,
+           "A text-conditioned model needs model.cross_attn_dim and model.cond_vector_dim "
+           "> 0 (the text encoder's width).")
+  _require(m.num_classes == 0, "A text-conditioned model takes no class labels "
+           "(model.num_classes = 0).")
+
+
 def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
   """Conditioning and the guided-sampling fields (issue 6)."""
   c, m, d, s = config.conditioning, config.model, config.data, config.sample
-  _one_of("conditioning.type", c.type, ("none", "class"))
+  _one_of("conditioning.type", c.type, ("none", "class", "text"))
+  _validate_text(config)
   _require(0.0 <= c.p_uncond < 1.0, f"conditioning.p_uncond must be in [0, 1), got {c.p_uncond}.")
   if c.type == "class":
     _require(d.num_classes > 0 and m.num_classes == d.num_classes,
@@ -96,10 +119,9 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
            "sample.dynamic_threshold_percentile must be in (0, 100], got "
            f"{s.dynamic_threshold_percentile}.")
   _require(s.guidance_scale >= 0.0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}.")
-  _require(s.guidance_scale == 1.0 or (c.type == "class" and c.p_uncond > 0.0),
-           f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model trained "
-           "with conditioning dropout (conditioning.type='class', conditioning.p_uncond > 0); "
-           "use 1.0 otherwise.")
+  _require(s.guidance_scale == 1.0 or (c.type != "none" and c.p_uncond > 0.0),
+           f"sample.guidance_scale={s.guidance_scale} needs a class- or text-conditional model "
+           "trained with conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise.")
   if str(s.labels).strip():
     _require(c.type == "class", f"sample.labels={s.labels!r} needs conditioning.type='class'; "
              "an unconditional model cannot generate chosen classes.")

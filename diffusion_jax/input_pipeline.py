@@ -94,6 +94,10 @@ def _check_features(builder: tfds.core.DatasetBuilder,
         f"Data set {builder.name!r} has {num_classes} classes but "
         f"config.data.num_classes = {data_config.num_classes}; set it to "
         f"{num_classes}.")
+  key = data_config.get("caption_key", "")
+  if key and key not in features:
+    raise ValueError(f"Data set {builder.name!r} has no {key!r} feature for "
+                     f"data.caption_key; it has {sorted(features.keys())}.")
 
 
 # ----------------------------------------------------------------------------
@@ -138,6 +142,7 @@ class _Preprocess(grain.transforms.Map):
   channels: int
   has_label: bool
   low_res_size: int = 0
+  caption_key: str = ""
 
   def map(self, features: dict[str, Any]) -> dict[str, Any]:
     image = np.asarray(features["image"])
@@ -148,6 +153,8 @@ class _Preprocess(grain.transforms.Map):
         "image": center_crop_resize(image, self.image_size),
         "label": np.int32(features["label"] if self.has_label else 0),
     }
+    if self.caption_key:  # bytes; the train loop turns captions into arrays
+      out["caption"] = np.bytes_(features[self.caption_key])
     if self.low_res_size:
       # From the stored-size image, so the pair is what a cascade sees: the
       # base stage's data is this same resize of the same image.
@@ -230,7 +237,8 @@ def _setup(data_config: ml_collections.ConfigDict, global_batch: int,
     raise ValueError(f"data.low_res_size={low_res_size} must lie in (0, data.image_size="
                      f"{data_config.image_size}); 0 turns low-resolution pairs off.")
   preprocess = _Preprocess(data_config.image_size, data_config.channels,
-                           _num_classes(builder) > 0, low_res_size)
+                           _num_classes(builder) > 0, low_res_size,
+                           data_config.get("caption_key", ""))
   return _Setup(builder, builder.as_data_source(split=split), preprocess,
                 local_batch, process_index, process_count)
 
@@ -289,7 +297,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict,
     A `TrainIterator` yielding {'image': float32 [B, S, S, C] in [-1, 1],
     'label': int32 [B]} with B = global_batch_size // process_count and
     S = data_config.image_size; labels are zeros if the data set has none.
-    With data.low_res_size = s > 0, also 'low_res': float32 [B, s, s, C].
+    With data.low_res_size = s > 0, also 'low_res': float32 [B, s, s, C]; with
+    data.caption_key, also 'caption': bytes [B].
   """
   setup = _setup(data_config, global_batch_size, data_config.train_split,
                  process_index, process_count)

@@ -23,6 +23,7 @@ from absl import logging
 
 from diffusion_jax import (checkpointing, conditioning, guidance, metrics, models, parallel,
                            samplers, schedules)
+from diffusion_jax.sample_io import save_grid, save_samples  # re-exported
 from diffusion_jax.schedules import Schedule
 
 # Folded into a sampling call's key for the noise augmentation of low_res.
@@ -84,10 +85,11 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   parallel.check_batch_size(batch_size, mesh, "sample batch size")
   s = config.sample
   num_classes = config.model.num_classes
+  conditional = bool(num_classes) or conditioning.is_text(config)
   if guided is None:
-    guided = bool(num_classes) and s.get("guidance_scale", 1.0) != 1.0
-  if guided and not num_classes:
-    raise ValueError("Guidance needs a class-conditional model (model.num_classes > 0).")
+    guided = conditional and s.get("guidance_scale", 1.0) != 1.0
+  if guided and not conditional:
+    raise ValueError("Guidance needs a class- or text-conditional model.")
   num_steps = None if s.num_steps == 0 else s.num_steps
   shape = (batch_size,) + image_shape(config)
   data = parallel.data_sharded(mesh)
@@ -95,7 +97,7 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
                 variance=s.variance, thresholding=_thresholding(s),
                 dynamic_threshold_percentile=s.get("dynamic_threshold_percentile", 99.5))
 
-  def fn(params, rng, eta, labels, scale, low_res):
+  def fn(params, rng, eta, labels, scale, low_res, text, null_text):
     def model_fn(x, t, cond):
       x = jax.lax.with_sharding_constraint(x, data)  # keep the batch split
       return model.apply({"params": params}, x, t, cond, train=False)
@@ -103,19 +105,29 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
     if low_res is not None:  # augmented once per batch, at the fixed sampling level
       extra = conditioning.sample_low_res_cond(config, schedule, low_res,
                                                jax.random.fold_in(rng, _LOW_RES_AUG))
-    if labels is None:
-      denoise_fn = lambda x, t: model_fn(x, t, extra or None)
-    elif scale is None:
-      denoise_fn = lambda x, t: model_fn(x, t, {"label": labels, **extra})
+    if text is not None:
+      cond = {**text, **extra}
+      null = {**jax.tree.map(lambda a, b: jnp.broadcast_to(a, b.shape), null_text, text),
+              **extra}
+    elif labels is not None:
+      cond = {"label": labels, **extra}
+      null = {"label": guidance.null_labels(batch_size, num_classes), **extra}
     else:
-      denoise_fn = guidance.guided_denoiser(model_fn, labels, num_classes, scale, extra)
+      cond = null = extra or None
+    if scale is None:
+      denoise_fn = lambda x, t: model_fn(x, t, cond)
+    else:
+      denoise_fn = guidance.guided_cond_denoiser(model_fn, cond, null, scale)
     return samplers.sample(denoise_fn, schedule, shape, rng, eta=eta, **kwargs)
 
   jitted = jax.jit(fn, out_shardings=data)
 
-  def sample_fn(params, rng, eta, labels=None, guidance_scale=None, low_res=None):
+  def sample_fn(params, rng, eta, labels=None, guidance_scale=None, low_res=None, text=None,
+                null_text=None):
     labels, scale = _call_args(config, batch_size, guided, labels, guidance_scale)
-    return jitted(params, rng, eta, labels, scale, _check_low_res(config, batch_size, low_res))
+    text, null_text = _check_text(config, batch_size, text, null_text, scale is not None)
+    return jitted(params, rng, eta, labels, scale, _check_low_res(config, batch_size, low_res),
+                  text, null_text)
 
   sample_fn.guided, sample_fn.jitted = guided, jitted
   return sample_fn
@@ -139,18 +151,46 @@ def _check_low_res(config, batch_size: int, low_res) -> Optional[np.ndarray]:
   return low_res
 
 
+def _check_text(config, batch_size: int, text, null_text, guided: bool):
+  """The text arrays of a text-conditioned model, checked (host side)."""
+  if not conditioning.is_text(config):
+    if text is not None:
+      raise ValueError("Captions (text) were given, but the model is not text-conditioned "
+                       f"(conditioning.type={config.conditioning.type!r}).")
+    return None, None
+  if text is None:
+    raise ValueError("A text-conditioned model needs text: the arrays of "
+                     "text.conditioner.TextConditioner(config)(captions).")
+  for key, value in text.items():
+    if np.shape(value)[0] != batch_size:
+      raise ValueError(f"text[{key!r}] has {np.shape(value)[0]} rows for a batch of "
+                       f"{batch_size}.")
+  if guided and null_text is None:
+    raise ValueError("Guided sampling of a text model needs null_text (the empty caption's "
+                     "arrays, TextConditioner.null(1)).")
+  return text, (null_text if guided else None)
+
+
 def _call_args(config, batch_size: int, guided: bool, labels, guidance_scale):
   """Host-side checks and defaults: (labels int32 [B] | None, scale [B] | None)."""
   num_classes = config.model.num_classes
   if guidance_scale is None:
     guidance_scale = config.sample.get("guidance_scale", 1.0)
   scale = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch_size,))
+  if conditioning.is_text(config):
+    if labels is not None:
+      raise ValueError("Labels were given, but the model is text-conditioned.")
+    if not guided and np.any(scale != 1.0):
+      raise ValueError("This sampler was built without guidance (guided=False); build it "
+                       "with guided=True to use a guidance scale other than 1.")
+    return None, (scale if guided else None)
   if not num_classes:
     if labels is not None:
       raise ValueError("Labels were given, but the model is unconditional "
                        "(model.num_classes = 0).")
     if np.any(scale != 1.0):
-      raise ValueError("A guidance scale other than 1 needs a class-conditional model.")
+      raise ValueError("A guidance scale other than 1 needs a class- or text-conditional "
+                       "model.")
     return None, None
   if labels is None:
     labels = np.arange(batch_size) % num_classes
@@ -188,7 +228,8 @@ def _batch_slice(values, i: int, batch_size: int, num_samples: int):
 def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
              seed: int, eta: float = 0.0, log_every_seconds: float = 10.0, *,
              labels: Optional[np.ndarray] = None, guidance_scale=None,
-             low_res: Optional[np.ndarray] = None) -> np.ndarray:
+             low_res: Optional[np.ndarray] = None, text: Optional[dict] = None,
+             null_text: Optional[dict] = None) -> np.ndarray:
   """Runs sample_fn in batches: uint8 [num_samples, H, W, C] on every host.
 
   Args:
@@ -204,6 +245,8 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
       the config's.
     low_res: float [num_samples, s, s, C] in [-1, 1], the inputs of a
       super-resolution stage.
+    text: a text-conditioned model's arrays for each sample, [num_samples, ...]
+      (TextConditioner); null_text: the empty caption's, [1, ...].
   """
   for name, values in (("labels", labels), ("low_res", low_res)):
     if values is not None and len(values) != num_samples:
@@ -219,6 +262,9 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
       cond["guidance_scale"] = _batch_slice(guidance_scale, i, batch_size, num_samples)
     if low_res is not None:
       cond["low_res"] = _batch_slice(low_res, i, batch_size, num_samples)
+    if text is not None:
+      cond["text"] = {k: _batch_slice(v, i, batch_size, num_samples) for k, v in text.items()}
+      cond["null_text"] = null_text
     images = sample_fn(params, rng, jnp.float32(eta), **cond)
     out.append(metrics.to_uint8(parallel.to_host(images)))
     elapsed = time.perf_counter() - start
@@ -236,7 +282,7 @@ def sample_name(config: ml_collections.ConfigDict, step: int) -> str:
     return s.name
   steps = s.num_steps or config.diffusion.num_timesteps
   name = f"{s.method}{steps}_step{step}_seed{s.seed}_n{s.num_samples}"
-  if config.model.num_classes and s.get("guidance_scale", 1.0) != 1.0:
+  if s.get("guidance_scale", 1.0) != 1.0:
     name += f"_cfg{s.guidance_scale:g}"
   return name
 
@@ -269,9 +315,9 @@ def check_sample_request(config: ml_collections.ConfigDict,
   scale = config.sample.get("guidance_scale", 1.0)
   if scale == 1.0:
     return
-  if not config.model.num_classes:
-    raise ValueError(f"sample.guidance_scale={scale} needs a class-conditional model; this "
-                     "one is unconditional (model.num_classes = 0). Use 1.0.")
+  if not config.model.num_classes and not conditioning.is_text(config):
+    raise ValueError(f"sample.guidance_scale={scale} needs a class- or text-conditional "
+                     "model; this one is unconditional. Use 1.0.")
   if trained_p_uncond(trained) <= 0.0:
     raise ValueError(
         f"sample.guidance_scale={scale}, but the model was trained without conditioning "
@@ -279,53 +325,32 @@ def check_sample_request(config: ml_collections.ConfigDict,
         "with. Use sample.guidance_scale=1.0, or train with conditioning.p_uncond > 0.")
 
 
-def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
-              max_rows: int = 100, max_cols: int = 16) -> np.ndarray:
-  """Writes a PNG grid: one class per row (sorted) when labels are given.
-
-  Args:
-    path: the .png to write.
-    images: uint8 [N, H, W, C].
-    labels: int32 [N] or None (then the first 256 images, square).
-    max_rows: most classes shown (the lowest indices).
-    max_cols: most images per class.
-
-  Returns:
-    The grid before upscaling, uint8 [H', W', C].
-  """
-  upscale = max(1, 64 // images.shape[1])
-  if labels is None:
-    tiles, ncol = images[:256], None
+def sample_captions(config: ml_collections.ConfigDict, num_samples: int) -> list[str]:
+  """The captions `sample.captions` asks for ("a;b" or "@FILE"), cycled to N."""
+  spec = str(config.sample.get("captions", "")).strip()
+  if not conditioning.is_text(config):
+    if spec:
+      raise ValueError(f"sample.captions={spec!r} was given, but the model is not "
+                       "text-conditioned: it cannot follow captions.")
+    return []
+  if spec.startswith("@"):
+    with open(spec[1:]) as f:
+      captions = [line.strip() for line in f if line.strip()]
   else:
-    classes = np.unique(labels)[:max_rows]
-    ncol = min(max_cols, max(int(np.sum(labels == c)) for c in classes))
-    tiles = np.zeros((len(classes) * ncol,) + images.shape[1:], np.uint8)
-    for r, c in enumerate(classes):
-      row = images[labels == c][:ncol]
-      tiles[r * ncol:r * ncol + len(row)] = row
-  grid = metrics.make_grid(tiles, nrow=ncol)
-  metrics.save_image_grid(path, tiles, nrow=ncol, upscale=upscale)
-  return grid
-
-
-def save_samples(directory: str, name: str, images: np.ndarray,
-                 labels: Optional[np.ndarray] = None) -> str:
-  """Writes <name>.npz (arr_0 uint8 NHWC, and `labels` int32 [N] if given) and
-  <name>.png (one class per row when labelled); returns the npz path."""
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, name + ".npz")
-  tmp = path + ".tmp.npz"
-  arrays = dict(arr_0=images)
-  if labels is not None:
-    arrays["labels"] = np.asarray(labels, np.int32)
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # never leave a half-written result under the real name
-  save_grid(os.path.join(directory, name + ".png"), images, labels)
-  return path
+    captions = [c.strip() for c in spec.split(";") if c.strip()]
+  if not captions:
+    raise ValueError("A text-conditioned model samples from captions: set sample.captions, "
+                     "e.g. --config.sample.captions='a small red circle;a large blue square' "
+                     "or --config.sample.captions=@captions.txt (one per line).")
+  return [captions[i % len(captions)] for i in range(num_samples)]
 
 
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Sample-only mode: latest (or configured) EMA params -> samples on disk."""
+  if conditioning.is_superres(config):
+    raise ValueError("This is a super-resolution stage: it samples from a low-resolution "
+                     "image, so sample it in a cascade: --config=configs/cascade.py:"
+                     f"BASE_DIR,{workdir}.")
   checkpointing.check_compatible(workdir, config)
   trained = None
   if os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
@@ -333,6 +358,12 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   check_sample_request(config, trained)
   s = config.sample
   labels = sample_labels(config, s.num_samples)
+  captions = sample_captions(config, s.num_samples)
+  text = {}
+  if captions:
+    from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
+    encode = conditioner.TextConditioner(config)
+    text = dict(text=encode(captions), null_text=encode.null(1))
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, config.data.channels)
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
@@ -342,10 +373,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   logging.info("Restored EMA parameters of step %d from %s", step, ckpt.directory)
   sample_fn = make_sample_fn(model, make_schedule(config), config, s.batch_size, mesh)
   images = generate(sample_fn, params, s.num_samples, s.batch_size, s.seed, s.eta,
-                    labels=labels)
+                    labels=labels, **text)
   path = None
   if jax.process_index() == 0:
     path = save_samples(os.path.join(workdir, "samples"), sample_name(config, step), images,
-                        labels)
+                        labels, captions or None)
     logging.info("Wrote %d samples to %s", len(images), path)
   return path

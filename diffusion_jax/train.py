@@ -19,7 +19,7 @@ import optax
 from absl import logging
 
 from diffusion_jax import (checkpointing, conditioning, config_lib, diffusion, input_pipeline,
-                           metrics, models, optim, parallel, preemption, sample)
+                           metrics, models, optim, parallel, preemption, sample, sample_io)
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
@@ -60,7 +60,8 @@ def abstract_train_state(model, tx, config, mesh) -> TrainState:
 
 
 def make_train_step(model, schedule, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, mesh) -> Callable:
+                    config: ml_collections.ConfigDict, mesh,
+                    null_text: Optional[dict] = None) -> Callable:
   """A jitted (state, batch, key) -> (state, metrics) over the mesh.
 
   Algorithm 1 on a global batch: t uniform, the chosen loss, an optax update,
@@ -69,14 +70,26 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
   conditioning.type == "class" the batch's labels condition the model, each
   replaced by the null class with probability conditioning.p_uncond; a
   super-resolution stage also gets the batch's augmented low-resolution image
-  (conditioning.train_cond).
+  (conditioning.train_cond). A text-conditioned model needs `null_text`, the
+  empty caption's arrays [1, ...] (text/conditioner.py).
   """
+  step_fn = train_step_fn(model, schedule, tx, config, null_text)
+  rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  state_sh = state_shardings(model, tx, config, mesh)
+  return jax.jit(step_fn, in_shardings=(state_sh, data, rep), out_shardings=(state_sh, rep),
+                 donate_argnums=(0,))
+
+
+def train_step_fn(model, schedule, tx: optax.GradientTransformation,
+                  config: ml_collections.ConfigDict,
+                  null_text: Optional[dict] = None) -> Callable:
+  """The un-jitted step of `make_train_step` (benchmarks wrap it differently)."""
   df, o = config.diffusion, config.optim
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array):
     rng = jax.random.fold_in(key, state.step)
     dropout_rng, diffusion_rng = jax.random.split(rng)
-    cond = conditioning.train_cond(config, schedule, batch, rng)
+    cond = conditioning.train_cond(config, schedule, batch, rng, null_text)
 
     def loss_fn(params):
       def denoise_fn(x, t):
@@ -97,10 +110,7 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
                  lr=optim.current_lr(opt_state), ema_decay=decay)
     return new_state, stats
 
-  rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  state_sh = state_shardings(model, tx, config, mesh)
-  return jax.jit(step_fn, in_shardings=(state_sh, data, rep), out_shardings=(state_sh, rep),
-                 donate_argnums=(0,))
+  return step_fn
 
 
 class Trainer:
@@ -119,9 +129,26 @@ class Trainer:
     self.data_iter = input_pipeline.create_train_iterator(
         config.data, config.training.batch_size, config.seed)
     self.ckpt = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-    self.train_step = make_train_step(self.model, self.schedule, self.tx, config, self.mesh)
+    self.text, null_text = None, None
+    if conditioning.is_text(config):
+      from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
+      self.text = conditioner.TextConditioner(config)
+      null_text = self.text.null(1)
+    self.train_step = make_train_step(self.model, self.schedule, self.tx, config, self.mesh,
+                                      null_text)
     self.writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    self._grid_fn = None
+    self._grid_fn, self._grid_inputs = None, None
+
+  def next_batch(self) -> dict:
+    """The next global batch on the mesh; captions become text arrays here."""
+    batch = next(self.data_iter)
+    if self._grid_inputs is None:  # training grids condition on the first batch's inputs
+      self._grid_inputs = {k: batch[k] for k in ("low_res", "caption") if k in batch}
+    if "caption" in batch:
+      captions = batch.pop("caption")
+      if self.text is not None:
+        batch.update(self.text(captions))
+    return parallel.to_global(batch, self.mesh)
 
   def restore_or_init(self) -> TrainState:
     abstract = abstract_train_state(self.model, self.tx, self.config, self.mesh)
@@ -143,14 +170,33 @@ class Trainer:
       self._grid_fn = sample.make_sample_fn(self.model, self.schedule, self.config, n, self.mesh)
     rng = jax.random.fold_in(jax.random.fold_in(self.key, _GRID), step)
     labels = sample.sample_labels(self.config, n)  # None for an unconditional model
+    inputs, captions = self._grid_cond(n)
     images = metrics.to_uint8(parallel.to_host(
-        self._grid_fn(state.ema_params, rng, jnp.float32(self.config.sample.eta), labels)))
+        self._grid_fn(state.ema_params, rng, jnp.float32(self.config.sample.eta), labels,
+                      **inputs)))
     if jax.process_index() == 0:
       grid_dir = os.path.join(self.workdir, "grids")
       os.makedirs(grid_dir, exist_ok=True)
-      # One class per row when conditional.
-      grid = sample.save_grid(os.path.join(grid_dir, f"step_{step:08d}.png"), images, labels)
+      path = os.path.join(grid_dir, f"step_{step:08d}.png")
+      if captions:
+        grid = sample_io.save_captioned_grid(path, images, captions)
+      else:  # one class per row when class-conditional
+        grid = sample.save_grid(path, images, labels)
       self.writer.write_images(step, "ema_samples", grid)
+
+  def _grid_cond(self, n: int) -> tuple[dict, list]:
+    """Sampler inputs of a training grid: the first batch's low-res images and
+    captions, cycled to n; and the captions (empty if none)."""
+    inputs, captions = {}, []
+    for key, values in (self._grid_inputs or {}).items():
+      idx = np.arange(n) % len(values)
+      if key == "low_res":
+        inputs["low_res"] = values[idx]
+      else:
+        captions = [c.decode("utf-8") for c in values[idx]]
+    if captions and self.text is not None:
+      inputs.update(text=self.text(captions), null_text=self.text.null(1))
+    return inputs, captions
 
 
 def _check_finite(step: int, stats: dict, last_saved: Optional[int]) -> None:
@@ -176,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   watcher = preemption.PreemptionWatcher(trainer.ckpt.reached_preemption)
   try:
     for step in range(start + 1, t.num_train_steps + 1):
-      batch = parallel.to_global(next(trainer.data_iter), trainer.mesh)
+      batch = trainer.next_batch()
       state, stats = trainer.train_step(state, batch, train_key)
       # Check the previous step while this one runs: no stall per step.
       if pending is not None:

@@ -30,3 +30,15 @@ def digits_dir(tmp_path_factory):
   config.data.data_dir = data_dir
   input_pipeline.prepare_dataset(config.data)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  """A TFDS data_dir with the offline captioned `shapes` set built once per session."""
+  from configs import shapes_text_glide  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
+  config = shapes_text_glide.get_config()
+  config.data.data_dir = data_dir
+  input_pipeline.prepare_dataset(config.data)
+  return data_dir

@@ -8,7 +8,9 @@ import pytest
 
 from diffusion_jax import conditioning, config_lib, models, optim, parallel, sample, train
 
-CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256", "digits_cond", "imagenet64_cond"]
+CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256",
+           "digits_cond", "imagenet64_cond", "shapes_text_glide", "shapes_text_frozen",
+           "shapes_cascade_base16", "shapes_sr32", "text2image64", "sr64to256"]
 # Parameter counts by jax.eval_shape; the DDPM paper's 35.7M and 114M.
 PARAMS = {"cifar10": 35_746_307, "celebahq256": 113_673_219, "lsun_church256": 113_673_219}
 
@@ -21,8 +23,8 @@ def _param_count(config):
   model = models.create_model(config.model, config.data.channels)
   shape = (1,) + sample.image_shape(config)
   params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32), conditioning.init_cond(config),
-      train=False))
+      jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32),
+      conditioning.init_cond(config), train=False))
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 

@@ -5,9 +5,13 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models.text_unet import TextTransformer, TextUNet
 from diffusion_jax.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "text_unet": UNet}
+# `text_unet` is a UNet inside a TextUNet, with a TextTransformer built from these
+# config fields (model.text_<field>); the UNet takes the transformer's width.
+_TEXT_FIELDS = ("vocab_size", "max_length", "width", "num_layers", "num_heads")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Config fields that hold sequences: a command-line override may give a list.
@@ -50,6 +54,7 @@ def create_model(model_config: Mapping[str, Any], out_channels: int) -> nn.Modul
   """
   cfg = dict(model_config)
   name = cfg.pop("name", None)
+  text = {f: cfg.pop(f"text_{f}") for f in _TEXT_FIELDS if f"text_{f}" in cfg}
   if name not in MODELS:
     raise ValueError(f"unknown model.name {name!r}; valid names: {sorted(MODELS)}")
   cls = MODELS[name]
@@ -63,7 +68,19 @@ def create_model(model_config: Mapping[str, Any], out_channels: int) -> nn.Modul
   if not isinstance(out_channels, int) or out_channels < 1:
     raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
   kwargs = {k: _convert(k, v) for k, v in cfg.items()}
-  return cls(**kwargs, out_channels=out_channels)
+  if name != "text_unet":
+    return cls(**kwargs, out_channels=out_channels)
+  missing = [f"text_{f}" for f in _TEXT_FIELDS if f not in text]
+  if missing:
+    raise ValueError(f"model.name='text_unet' needs the fields {missing}")
+  if kwargs.get("cross_attn_dim", 0) != text["width"] or kwargs.get(
+      "cond_vector_dim", 0) != text["width"]:
+    raise ValueError(f"model.name='text_unet': set model.cross_attn_dim and "
+                     f"model.cond_vector_dim to model.text_width={text['width']} (the text "
+                     "transformer's output width)")
+  unet = cls(**kwargs, out_channels=out_channels)
+  kw = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
+  return TextUNet(unet=unet, text=TextTransformer(**text, **kw))
 
 
-__all__ = ["MODELS", "UNet", "create_model"]
+__all__ = ["MODELS", "TextTransformer", "TextUNet", "UNet", "create_model"]

