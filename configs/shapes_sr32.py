@@ -1,6 +1,6 @@
 """A 16 -> 32 super-resolution stage for the offline shapes set (CPU-sized).
 
-The U-Net of configs/shapes_text_glide.py without text: it is conditioned on
+A U-Net like configs/shapes_text_glide.py's, without text: it is conditioned on
 the 16x16 image (box-filtered from each 32x32 one by the input pipeline),
 upsampled bilinearly and concatenated with x_t, and on its noise-augmentation
 level (Cascaded Diffusion Models, Imagen): training corrupts the 16x16 input
@@ -18,6 +18,9 @@ def get_config():
   m = config.model
   m.cross_attn_dim = m.cond_vector_dim = 0
   m.cross_attn_resolutions = ()
+  # No stem: the U-Net runs at 32x32 on x_t and the upsampled input (6 channels),
+  # so fine detail need not squeeze 24 values per position through 32 channels.
+  m.patch_size, m.ch_mult, m.attn_resolutions = 1, (1, 2, 2), (8,)
   config.data.low_res_size = 16
   m.low_res_channels = 3
   m.low_res_upsample = "bilinear"

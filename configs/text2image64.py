@@ -46,6 +46,7 @@ def get_config():
   c.type, c.text_encoder, c.p_uncond = "text", "frozen", 0.1
   c.text_max_length = 128
   c.frozen_encoder_path = "/path/to/bert-large-family-encoder"
+  c.text_cache_size = 20_000  # 128 x 1024 floats (0.5 MB) per caption: 10 GB
   o = config.optim
   o.lr, o.warmup_steps, o.ema_decay, o.ema_warmup = 1e-4, 10_000, 0.9999, False
   t = config.training

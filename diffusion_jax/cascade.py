@@ -54,6 +54,10 @@ def check_chain(stage_configs: list[ml_collections.ConfigDict]) -> None:
     if not conditioning.is_superres(cur):
       raise ValueError(f"stage_{i} is not a super-resolution model (model.low_res_channels "
                        "= 0); every stage after the first must be one.")
+    last = stage_configs[-1].data.image_size
+    if cur.data.image_size and last % cur.data.image_size:
+      raise ValueError(f"stage_{i} makes {cur.data.image_size}x{cur.data.image_size} images, "
+                       f"which do not divide the final size {last}.")
     if cur.data.low_res_size != prev.image_size or cur.data.channels != prev.channels:
       raise ValueError(
           f"The stages do not chain: stage_{i - 1} makes {prev.image_size}x{prev.image_size}x"

@@ -11,6 +11,7 @@ its commit file, so an interrupted save never becomes the latest step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,6 +46,24 @@ def _defining_fields(config_dict: dict) -> dict[str, Any]:
   flat = _flatten(config_dict)
   return {k: v for k, v in flat.items()
           if any(k == p or k.startswith(p + ".") for p in MODEL_DEFINING)}
+
+
+def _unused_or_added(key: str, saved: dict, current: dict) -> bool:
+  """Whether a differing field is harmless: the text encoder fields of a plain
+  U-Net (unused), or a model field added after the checkpoint was saved whose
+  value is the module's default (which reproduces the model saved)."""
+  if not key.startswith("model."):
+    return False
+  field = key[len("model."):]
+  if field.startswith("text_") and "text_unet" not in (saved.get("model.name"),
+                                                        current.get("model.name")):
+    return True
+  # pylint: disable-next=g-import-not-at-top  (models is only needed here)
+  from diffusion_jax.models.unet import UNet
+  defaults = {f.name: f.default for f in dataclasses.fields(UNet)}
+  value = current.get(key)
+  value = list(value) if isinstance(value, tuple) else value
+  return key not in saved and field in defaults and value == defaults[field]
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -91,7 +110,8 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   current = _defining_fields(config_to_dict(config))
   diffs = [f"  {k}: checkpoint has {saved.get(k, '<missing>')!r}, config has "
            f"{current.get(k, '<missing>')!r}"
-           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+           for k in sorted(set(saved) | set(current))
+           if saved.get(k) != current.get(k) and not _unused_or_added(k, saved, current)]
   if diffs:
     raise CheckpointError(
         f"The config does not match the checkpoints in {workdir!r}:\n" + "\n".join(diffs)

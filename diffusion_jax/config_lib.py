@@ -61,16 +61,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_superres(config: ml_collections.ConfigDict) -> None:
   """A super-resolution stage: data pairs, model input and augmentation agree."""
   d, m, sr = config.data, config.model, config.superres
-  size = d.get("low_res_size", 0)
-  _require(bool(size) == bool(m.low_res_channels),
-           f"data.low_res_size={size} and model.low_res_channels={m.low_res_channels}: a "
+  # .get: configs saved before super-resolution stages existed lack these fields.
+  size, channels = d.get("low_res_size", 0), m.get("low_res_channels", 0)
+  _require(bool(size) == bool(channels),
+           f"data.low_res_size={size} and model.low_res_channels={channels}: a "
            "super-resolution stage sets both (low_res_channels = data.channels), a base model "
            "neither.")
   if not size:
     return
   _require(0 < size < d.image_size, f"data.low_res_size={size} must lie in (0, "
            f"data.image_size={d.image_size}).")
-  _require(m.low_res_channels == d.channels, f"model.low_res_channels={m.low_res_channels} "
+  _require(channels == d.channels, f"model.low_res_channels={channels} "
            f"must equal data.channels={d.channels} (the low-resolution image's channels).")
   for name in ("noise_aug_max", "sample_aug_level", "blur_prob"):
     _require(0.0 <= sr[name] <= 1.0, f"superres.{name} must lie in [0, 1], got {sr[name]}.")
@@ -84,6 +85,9 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
   c, m, d, s = config.conditioning, config.model, config.data, config.sample
   if c.type != "text":
     _require(m.name != "text_unet", "model.name='text_unet' needs conditioning.type='text'.")
+    _require(not d.get("caption_key", ""), f"data.caption_key={d.get('caption_key')!r} reads "
+             "captions, but the model is not text-conditioned (conditioning.type="
+             f"{c.type!r}); set data.caption_key='' or conditioning.type='text'.")
     _require(not str(s.get("captions", "")).strip(),
              f"sample.captions={s.captions!r}, but the model is not text-conditioned "
              f"(conditioning.type={c.type!r}); it cannot follow captions.")
@@ -99,6 +103,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
            "> 0 (the text encoder's width).")
   _require(m.num_classes == 0, "A text-conditioned model takes no class labels "
            "(model.num_classes = 0).")
+  length = m.text_max_length if c.text_encoder == "trained" else c.text_max_length
+  _require(length >= 3, f"The text context must hold at least 3 tokens (begin, one, end); "
+           f"got {length} (model.text_max_length for 'trained', conditioning.text_max_length "
+           "for 'frozen').")
 
 
 def _validate_conditioning(config: ml_collections.ConfigDict) -> None:

@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, input_pipeline, likelihood, models, parallel, sample
+from diffusion_jax import (checkpointing, conditioning, input_pipeline, likelihood, models,
+                           parallel, sample)
 from diffusion_jax.evaluation import npz_io, stats
 
 METRICS = ("digits_fd", "fid", "is", "pr", "bpd")
@@ -60,6 +61,11 @@ def with_eval_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 def _check(config: ml_collections.ConfigDict, workdir: str) -> None:
   ev = config.eval
+  if conditioning.is_superres(config) or conditioning.is_text(config):
+    raise ValueError(
+        "Eval mode scores unconditional and class-conditional models. A super-resolution "
+        "stage is scored by benchmarks/superres_bench.py (PSNR/SSIM) or in a cascade, and a "
+        "text-conditioned model by benchmarks/caption_bench.py (caption accuracy).")
   unknown = [m for m in ev.metrics if m not in METRICS]
   if unknown:
     raise ValueError(f"Unknown eval metric(s) {unknown}; valid: {', '.join(METRICS)}.")
@@ -84,7 +90,7 @@ def report_name(config: ml_collections.ConfigDict, step: int) -> str:
   s, ev = config.sample, config.eval
   steps = s.num_steps or config.diffusion.num_timesteps
   name = f"{s.method}{steps}_step{step}_seed{ev.seed}_n{ev.num_samples}"
-  if config.model.num_classes and s.get("guidance_scale", 1.0) != 1.0:
+  if s.get("guidance_scale", 1.0) != 1.0:
     name += f"_cfg{s.guidance_scale:g}"
   return name
 

@@ -156,8 +156,8 @@ class _Preprocess(grain.transforms.Map):
     if self.caption_key:  # bytes; the train loop turns captions into arrays
       out["caption"] = np.bytes_(features[self.caption_key])
     if self.low_res_size:
-      # From the stored-size image, so the pair is what a cascade sees: the
-      # base stage's data is this same resize of the same image.
+      # From the image at data.image_size (already cropped and resized): the
+      # low-resolution half of the pair is a pure downsampling of the target.
       out["low_res"] = center_crop_resize(out["image"], self.low_res_size)
     if "mask" in features:
       out["mask"] = np.bool_(features["mask"])

@@ -107,8 +107,10 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
                                                jax.random.fold_in(rng, _LOW_RES_AUG))
     if text is not None:
       cond = {**text, **extra}
-      null = {**jax.tree.map(lambda a, b: jnp.broadcast_to(a, b.shape), null_text, text),
-              **extra}
+      null = None
+      if null_text is not None:  # only the guided sampler takes (and needs) it
+        null = {**jax.tree.map(lambda a, b: jnp.broadcast_to(a, b.shape), null_text, text),
+                **extra}
     elif labels is not None:
       cond = {"label": labels, **extra}
       null = {"label": guidance.null_labels(batch_size, num_classes), **extra}
@@ -248,7 +250,9 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
     text: a text-conditioned model's arrays for each sample, [num_samples, ...]
       (TextConditioner); null_text: the empty caption's, [1, ...].
   """
-  for name, values in (("labels", labels), ("low_res", low_res)):
+  checked = [("labels", labels), ("low_res", low_res)]
+  checked += [(f"text[{k!r}]", v) for k, v in (text or {}).items()]
+  for name, values in checked:
     if values is not None and len(values) != num_samples:
       raise ValueError(f"{name} has {len(values)} entries for {num_samples} samples.")
   out, start, last = [], time.perf_counter(), 0.0

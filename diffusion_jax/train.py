@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 from absl import logging
@@ -186,7 +187,8 @@ class Trainer:
 
   def _grid_cond(self, n: int) -> tuple[dict, list]:
     """Sampler inputs of a training grid: the first batch's low-res images and
-    captions, cycled to n; and the captions (empty if none)."""
+    captions (process 0's, so every host samples the same; after a restart, the
+    first batch after it), cycled to n; and the captions (empty if none)."""
     inputs, captions = {}, []
     for key, values in (self._grid_inputs or {}).items():
       idx = np.arange(n) % len(values)
@@ -196,6 +198,9 @@ class Trainer:
         captions = [c.decode("utf-8") for c in values[idx]]
     if captions and self.text is not None:
       inputs.update(text=self.text(captions), null_text=self.text.null(1))
+    if jax.process_count() > 1:
+      # Each host read its own first batch; the sampler needs one input everywhere.
+      inputs = multihost_utils.broadcast_one_to_all(inputs)
     return inputs, captions
 
 

@@ -10,8 +10,8 @@ from scipy import ndimage
 
 from configs import cascade as cascade_config
 from configs import test as test_config
-from diffusion_jax import (cascade, conditioning, config_lib, input_pipeline, models,
-                           parallel, sample, schedules, superres, train)
+from diffusion_jax import (cascade, conditioning, config_lib, diffusion, input_pipeline,
+                           models, parallel, sample, schedules, superres, train)
 from diffusion_jax.evaluation import image_metrics
 from tests.conftest import apply_overrides
 
@@ -44,6 +44,10 @@ def test_noise_augment_matches_the_forward_process_in_float64():
   got = superres.noise_augment(schedule, jnp.float32(x), jnp.asarray(level),
                                jnp.float32(noise))
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+  # Level k >= 1 is the forward process q(x_t | x_0) at timestep index k - 1.
+  q = diffusion.q_sample(schedule, jnp.float32(x[1:]), jnp.asarray(level[1:] - 1),
+                         jnp.float32(noise[1:]))
+  np.testing.assert_allclose(np.asarray(got)[1:], np.asarray(q), atol=1e-6)
 
 
 def test_level_from_fraction():
@@ -150,15 +154,20 @@ def test_wrong_low_res_inputs_are_clear_errors():
     config_lib.validate(_sr_config(superres__noise_aug_max=2.0))
 
 
-def test_pipeline_gives_antialiased_low_res_pairs(digits_dir):
-  config = _sr_config(digits_dir)
-  batch = next(input_pipeline.create_train_iterator(config.data, 8, 0))
+def test_pipeline_gives_antialiased_low_res_pairs_flipped_together(digits_dir):
+  config = _sr_config(digits_dir, data__random_flip=True)
+  it = input_pipeline.create_train_iterator(config.data, 32, 0)
+  batch = next(it)
   hi, lo = batch["image"], batch["low_res"]
-  assert hi.shape == (8, 16, 16, 1) and lo.shape == (8, 8, 8, 1)
-  # 16 -> 8 is an exact 2x2 box average (PIL reduce) of the uint8 image.
+  assert hi.shape == (32, 16, 16, 1) and lo.shape == (32, 8, 8, 1)
+  # 16 -> 8 is an exact 2x2 box average (PIL reduce) of the uint8 image; digits are
+  # not mirror-symmetric, so a flip of one half of the pair alone would break this.
   hi_u8 = np.round((hi + 1) * 127.5)
-  box = hi_u8.reshape(8, 8, 2, 8, 2, 1).mean(axis=(2, 4))
+  box = hi_u8.reshape(32, 8, 2, 8, 2, 1).mean(axis=(2, 4))
   np.testing.assert_allclose((lo + 1) * 127.5, np.round(box), atol=0.51)
+  unflipped = _sr_config(digits_dir)
+  plain = next(input_pipeline.create_train_iterator(unflipped.data, 32, 0))["image"]
+  assert 0 < np.mean(np.any(plain != hi, axis=(1, 2, 3))) < 1  # some were flipped
 
 
 def test_train_cond_levels_stay_in_range_and_blur_applies():
@@ -206,11 +215,26 @@ def two_stages(digits_dir, tmp_path_factory):
   return dirs
 
 
-def test_cascade_carries_labels_through_every_stage(two_stages, tmp_path):
+def _record_generate(monkeypatch):
+  """Records the keyword arguments of every generate() call a cascade makes."""
+  calls, original = [], sample.generate
+
+  def recording(*args, **kwargs):
+    calls.append(kwargs)
+    return original(*args, **kwargs)
+  monkeypatch.setattr(cascade.sample_lib, "generate", recording)
+  return calls
+
+
+def test_cascade_carries_labels_through_every_stage(two_stages, tmp_path, monkeypatch):
   config = cascade_config.get_config(",".join(two_stages))
   config.cascade.num_samples, config.cascade.batch_size = 12, 8
   config.cascade.labels = "3,7"
+  calls = _record_generate(monkeypatch)
   paths = cascade.sample_cascade(config, str(tmp_path))
+  for call in calls:  # both stages are class-conditional: both get the labels
+    np.testing.assert_array_equal(call["labels"], [3, 7] * 6)
+  assert calls[0]["low_res"] is None and calls[1]["low_res"].shape == (12, 8, 8, 1)
   base, sr = (np.load(p) for p in paths)
   assert base["arr_0"].shape == (12, 8, 8, 1) and sr["arr_0"].shape == (12, 16, 16, 1)
   want = np.array([3, 7] * 6)
@@ -283,3 +307,21 @@ def test_ssim_matches_a_windowed_reference():
   assert np.abs(image_metrics.ssim(a, unrelated)).max() < 0.1
   with pytest.raises(ValueError, match="11x11"):
     image_metrics.ssim(a[:, :8, :8], b[:, :8, :8])
+
+
+def test_checkpoints_saved_before_the_new_model_fields_still_match(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  checkpointing.save_config(str(tmp_path), config)
+  path = tmp_path / checkpointing.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  for field in ("scale_shift_norm", "low_res_channels", "low_res_upsample", "text_width"):
+    del saved["model"][field]  # as a run saved before these fields existed
+  path.write_text(json.dumps(saved))
+  checkpointing.check_compatible(str(tmp_path), config)  # defaults: the same model
+  config.model.text_width = 64  # unused by a plain U-Net
+  checkpointing.check_compatible(str(tmp_path), config)
+  config.model.scale_shift_norm = True
+  with pytest.raises(checkpointing.CheckpointError, match="model.scale_shift_norm"):
+    checkpointing.check_compatible(str(tmp_path), config)

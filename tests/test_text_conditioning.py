@@ -128,15 +128,25 @@ def test_training_grid_and_sample_mode_write_captions(text_runs):
   out = np.load(path)
   assert out["arr_0"].shape == (6, 16, 16, 3)
   assert list(out["captions"]) == ["a small red circle", "a large blue square"] * 3
+  unguided = apply_overrides(config, sample__guidance_scale=1.0, sample__name="plain")
+  assert np.load(sample.sample_and_save(unguided, base_dir))["arr_0"].shape == (6, 16, 16, 3)
 
 
-def test_cascade_carries_captions_to_the_text_stage(text_runs, tmp_path):
-  _, dirs = text_runs
+def test_cascade_carries_captions_to_the_text_stage(text_runs, tmp_path, monkeypatch):
+  base_config, dirs = text_runs
   config = cascade_config.get_config(",".join(dirs))
   config.cascade.num_samples, config.cascade.batch_size = 4, 4
   config.cascade.captions = "a large green square;a small white triangle"
   config.stage_0.sample.guidance_scale = 2.0
+  calls, original = [], sample.generate
+  monkeypatch.setattr(cascade.sample_lib, "generate",
+                      lambda *a, **k: calls.append(k) or original(*a, **k))
   paths = cascade.sample_cascade(config, str(tmp_path))
+  want = conditioner.TextConditioner(base_config)(
+      ["a large green square", "a small white triangle"] * 2)
+  for key, value in want.items():  # the text stage got the captions' arrays
+    np.testing.assert_array_equal(calls[0]["text"][key], value)
+  assert "text" not in calls[1]  # the upsampler is not text-conditioned
   base, up = (np.load(p) for p in paths)
   assert base["arr_0"].shape == (4, 16, 16, 3) and up["arr_0"].shape == (4, 32, 32, 3)
   assert list(up["captions"]) == ["a large green square", "a small white triangle"] * 2

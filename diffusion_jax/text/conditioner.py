@@ -8,14 +8,16 @@ Two kinds (`config.conditioning.text_encoder`):
 * "frozen" (Imagen): a pretrained encoder (all-MiniLM-L6-v2 by default, D =
   384) runs outside the train step, so it has no gradients and no optimizer
   state; its outputs `tokens` [B, L, D], `mask` [B, L] and `vector` [B, D]
-  go into the batch. Each distinct caption is encoded once and memoised
-  (a captioned data set repeats its captions every epoch).
+  go into the batch. Each distinct caption is encoded once and kept in an
+  LRU cache of `conditioning.text_cache_size` captions (a captioned data set
+  repeats its captions every epoch).
 
 The null text of classifier-free guidance is the empty caption, encoded the
 same way (`null`).
 """
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -57,7 +59,10 @@ class TextConditioner:
           f"The frozen text encoder ({c.frozen_encoder_path or 'all-MiniLM-L6-v2'}) gives "
           f"{width}-wide embeddings, but model.cross_attn_dim={m.cross_attn_dim} and "
           f"model.cond_vector_dim={m.cond_vector_dim}; set both to {width}.")
-    self._memo: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    # Least recently used captions are evicted beyond `text_cache_size` entries
+    # (24 x 384 floats = 37 KB each for all-MiniLM-L6-v2 at 24 tokens).
+    self._memo: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+    self._cache_size = c.get("text_cache_size", 100_000)
 
   def __call__(self, captions: Sequence) -> dict[str, np.ndarray]:
     """Text conditioning for B captions (str or bytes): a dict of [B, ...] arrays."""
@@ -65,8 +70,8 @@ class TextConditioner:
     if self.kind == "trained":
       ids, mask = self._tokenizer.encode(captions, self.max_length)
       return {"text_ids": ids.astype(np.int32), "text_mask": mask.astype(bool)}
-    self._encode_missing(captions)
-    tokens, mask, pooled = (np.stack(a) for a in zip(*(self._memo[c] for c in captions)))
+    found = self._encode_missing(captions)
+    tokens, mask, pooled = (np.stack(a) for a in zip(*(found[c] for c in captions)))
     return {"tokens": tokens, "mask": mask, "vector": pooled}
 
   def null(self, batch_size: int) -> dict[str, np.ndarray]:
@@ -77,12 +82,20 @@ class TextConditioner:
     """Zeros of the conditioning's shapes and dtypes (to initialise a model)."""
     return {k: jnp.zeros_like(v) for k, v in self.null(batch_size).items()}
 
-  def _encode_missing(self, captions: list[str]) -> None:
-    missing = sorted(set(captions) - set(self._memo))
+  def _encode_missing(self, captions: list[str]) -> dict[str, tuple]:
+    """The encodings of `captions` (from the cache, or computed and cached)."""
+    found = {}
+    for c in set(captions) & set(self._memo):
+      self._memo.move_to_end(c)
+      found[c] = self._memo[c]
+    missing = sorted(set(captions) - set(found))
     for i in range(0, len(missing), _ENCODE_BATCH):
       chunk = missing[i:i + _ENCODE_BATCH]
       padded = chunk + [""] * (_ENCODE_BATCH - len(chunk))
       out = self._encoder(padded)
       tokens, mask, pooled = (np.asarray(a) for a in (out.tokens, out.mask, out.pooled))
       for j, caption in enumerate(chunk):
-        self._memo[caption] = (tokens[j], mask[j], pooled[j])
+        found[caption] = self._memo[caption] = (tokens[j], mask[j], pooled[j])
+    while len(self._memo) > self._cache_size:
+      self._memo.popitem(last=False)
+    return found
