@@ -141,7 +141,7 @@ def test_labels_asked_of_an_unconditional_checkpoint(digits_dir, tmp_path):
   with pytest.raises(ValueError, match="unconditional.*cannot generate chosen classes"):
     sample.sample_and_save(config, str(tmp_path))
   config.sample.labels, config.sample.guidance_scale = "", 3.0
-  with pytest.raises(ValueError, match="needs a class-conditional model"):
+  with pytest.raises(ValueError, match="needs a class- or text-conditional model"):
     sample.sample_and_save(config, str(tmp_path))
 
 
@@ -152,7 +152,7 @@ def test_guidance_without_conditioning_dropout(digits_dir, tmp_path):
   config = _cond_config(digits_dir, sample__guidance_scale=3.0)
   with pytest.raises(ValueError, match="trained without conditioning dropout"):
     sample.sample_and_save(config, str(tmp_path))
-  with pytest.raises(ValueError, match="sample.guidance_scale=3.0 needs a class-conditional "
+  with pytest.raises(ValueError, match="sample.guidance_scale=3.0 needs a class- or text-conditional "
                      "model trained with conditioning dropout"):
     config_lib.validate(_cond_config(digits_dir, conditioning__p_uncond=0.0,
                                      sample__guidance_scale=3.0))
