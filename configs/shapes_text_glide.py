@@ -35,11 +35,9 @@ def base_config():
   m.scale_shift_norm = True  # else GroupNorm(32) erases the text vector at 32 channels
   m.cross_attn_resolutions = (16, 8)
   m.head_dim = 32
-  # Cosine, not DDPM's linear schedule: linear leaves abar_T = 4e-5, so x_T keeps
-  # a mean of sqrt(abar_T) x (0.006 for the black background), which the network
-  # learns to read; pure N(0, I) noise at sampling has per-channel means of std
-  # 1/16 over the 16x16 grid of each of the stem's 12 channels, and the samples
-  # came out with tinted backgrounds in a 2x2 checkerboard. Cosine: abar_T ~ 0.
+  # Cosine, not DDPM's linear schedule: linear leaves abar_T = 4e-5, so x_T keeps a
+  # trace of the image (sqrt(abar_T) x) that training lets the network read and
+  # that pure N(0, I) noise at sampling does not have; cosine has abar_T ~ 0.
   config.diffusion.schedule = "cosine"
   config.conditioning.type = "text"
   config.conditioning.p_uncond = 0.1
