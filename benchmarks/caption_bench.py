@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cascade as cascade_config
 from configs import from_workdir
-from diffusion_jax import cascade, checkpointing, models, parallel, sample
+from diffusion_jax import cascade, sample
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import shapes_checker
 from diffusion_jax.text import conditioner
@@ -47,11 +47,7 @@ def sample_single(workdir: str, captions: list[str], scale: float, batch: int, s
   """uint8 [N, 32, 32, 3] from one text-conditioned run at a guidance scale."""
   config = from_workdir.get_config(workdir)
   config.sample.num_steps = num_steps
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, config.data.channels)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  params, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh))
-  ckpt.close()
+  model, params, step, mesh = sample.restore_ema(config, workdir)
   encode = conditioner.TextConditioner(config)
   fn = sample.make_sample_fn(model, sample.make_schedule(config), config, batch, mesh,
                              guided=True)

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import from_workdir
-from diffusion_jax import checkpointing, input_pipeline, metrics, models, parallel, sample
+from diffusion_jax import input_pipeline, metrics, sample
 from diffusion_jax import superres
 from diffusion_jax.evaluation import image_metrics
 
@@ -65,11 +65,7 @@ def main():
   for workdir in workdirs:
     config = from_workdir.get_config(workdir)
     config.sample.num_steps = args.num_steps
-    mesh = parallel.make_mesh()
-    model = models.create_model(config.model, config.data.channels)
-    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-    params, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh))
-    ckpt.close()
+    model, params, step, mesh = sample.restore_ema(config, workdir)
     for level in (float(x) for x in args.levels.split(",")):
       config.superres.sample_aug_level = level
       fn = sample.make_sample_fn(model, sample.make_schedule(config), config, args.batch, mesh)

@@ -34,8 +34,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import (checkpointing, conditioning, input_pipeline, likelihood, models,
-                           parallel, sample)
+from diffusion_jax import (checkpointing, conditioning, input_pipeline, likelihood, parallel,
+                           sample)
 from diffusion_jax.evaluation import npz_io, stats
 
 METRICS = ("digits_fd", "fid", "is", "pr", "bpd")
@@ -281,13 +281,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config = with_eval_defaults(config)
   _check(config, workdir)
   checkpointing.check_compatible(workdir, config)
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, config.data.channels)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  params, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh),
-                                         config.sample.checkpoint_step)
-  ckpt.close()
-  logging.info("Eval: restored EMA parameters of step %d from %s", step, ckpt.directory)
+  model, params, step, mesh = sample.restore_ema(config, workdir, config.sample.checkpoint_step)
+  logging.info("Eval: restored EMA parameters of step %d from %s", step, workdir)
   ev, name = config.eval, report_name(config, step)
   report = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
             "params": "ema", "sampler": _sampler_settings(config),

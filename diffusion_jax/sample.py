@@ -23,7 +23,7 @@ from absl import logging
 
 from diffusion_jax import (checkpointing, conditioning, guidance, metrics, models, parallel,
                            samplers, schedules)
-from diffusion_jax.sample_io import save_grid, save_samples  # re-exported
+from diffusion_jax.sample_io import save_grid, save_samples  # noqa: F401 (re-exported)
 from diffusion_jax.schedules import Schedule
 
 # Folded into a sampling call's key for the noise augmentation of low_res.
@@ -212,6 +212,25 @@ def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
   return model.init(rng, x, t, conditioning.init_cond(config), train=False)["params"]
 
 
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None):
+  """The model of `config` and the EMA parameters of a workdir's checkpoint.
+
+  Args:
+    config: the run config (model, data).
+    workdir: the training run's workdir.
+    step: the checkpoint step; None or -1 means the latest.
+
+  Returns:
+    (model, ema_params replicated over the mesh, step, mesh).
+  """
+  mesh = parallel.make_mesh()
+  model = models.create_model(config.model, config.data.channels)
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  params, step = ckpt.restore_ema_params(abstract_params(model, config, mesh), step)
+  ckpt.close()
+  return model, params, step, mesh
+
+
 def abstract_params(model, config: ml_collections.ConfigDict, mesh):
   """Parameter shapes (jax.ShapeDtypeStruct, replicated) without allocating."""
   shapes = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
@@ -368,13 +387,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
     from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
     encode = conditioner.TextConditioner(config)
     text = dict(text=encode(captions), null_text=encode.null(1))
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, config.data.channels)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  params, step = ckpt.restore_ema_params(abstract_params(model, config, mesh),
-                                         s.checkpoint_step)
-  ckpt.close()
-  logging.info("Restored EMA parameters of step %d from %s", step, ckpt.directory)
+  model, params, step, mesh = restore_ema(config, workdir, s.checkpoint_step)
+  logging.info("Restored EMA parameters of step %d from %s", step, workdir)
   sample_fn = make_sample_fn(model, make_schedule(config), config, s.batch_size, mesh)
   images = generate(sample_fn, params, s.num_samples, s.batch_size, s.seed, s.eta,
                     labels=labels, **text)

@@ -20,25 +20,24 @@ def apply_overrides(config, **overrides):
   return config
 
 
+def _prepared(tmp_path_factory, name: str, config) -> str:
+  """A fresh TFDS data_dir with the offline set of `config.data` built in it."""
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp(name))
+  config.data.data_dir = data_dir
+  input_pipeline.prepare_dataset(config.data)
+  return data_dir
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
   """A TFDS data_dir with the offline digits set built once per session."""
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  config = test_config.get_config()
-  config.data.data_dir = data_dir
-  input_pipeline.prepare_dataset(config.data)
-  return data_dir
+  return _prepared(tmp_path_factory, "tfds", test_config.get_config())
 
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
   """A TFDS data_dir with the offline captioned `shapes` set built once per session."""
   from configs import shapes_text_glide  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
-  config = shapes_text_glide.get_config()
-  config.data.data_dir = data_dir
-  input_pipeline.prepare_dataset(config.data)
-  return data_dir
+  return _prepared(tmp_path_factory, "tfds_shapes", shapes_text_glide.get_config())
