@@ -20,20 +20,11 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, models, parallel, sample
+from diffusion_jax import checkpointing, sample
 from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
 
 DEFAULT_SETTINGS = ("ancestral:1000,ddim:10,ddim:20,ddim:50,"
                     "dpm_solver++:10,dpm_solver++:20,dpm_solver++:50")
-
-
-def _restore(workdir: str, config, step: int):
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, config.data.channels)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  params, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh), step)
-  ckpt.close()
-  return model, params, step, mesh
 
 
 def _draw(model, params, config, mesh, method: str, num_steps: int, args) -> np.ndarray:
@@ -62,7 +53,7 @@ def main() -> None:
   config = checkpointing.load_config(args.workdir)
   data_dir = config.data.data_dir if args.data_dir is None else args.data_dir
   clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
-  model, params, step, mesh = _restore(args.workdir, config, args.step)
+  model, params, step, mesh = sample.restore_ema(config, args.workdir, args.step)
   for setting in args.settings.split(","):
     method, num_steps = setting.split(":")
     start = time.perf_counter()

@@ -22,16 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, guidance, models, parallel, sample
-
-
-def _restore(workdir: str, config):
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, config.data.channels)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  params, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh))
-  ckpt.close()
-  return model, params, step, mesh
+from diffusion_jax import checkpointing, guidance, sample
 
 
 def _score(images: np.ndarray, labels: np.ndarray, data_dir: str) -> dict:
@@ -76,7 +67,7 @@ def main() -> None:
   config = checkpointing.load_config(args.workdir)
   config.sample.method, config.sample.num_steps = args.method, args.num_steps
   config.sample.thresholding = args.thresholding
-  model, params, step, mesh = _restore(args.workdir, config)
+  model, params, step, mesh = sample.restore_ema(config, args.workdir)
   k = config.model.num_classes
   n = k * args.per_class
   labels = guidance.parse_labels("all", k, n)
