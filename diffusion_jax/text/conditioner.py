@@ -6,11 +6,12 @@ Two kinds (`config.conditioning.text_encoder`):
   and `text_mask` [B, L] bool (L = model.text_max_length); the model's own
   TextTransformer encodes them inside the train step and learns with it.
 * "frozen" (Imagen): a pretrained encoder (all-MiniLM-L6-v2 by default, D =
-  384) runs outside the train step, so it has no gradients and no optimizer
-  state; its outputs `tokens` [B, L, D], `mask` [B, L] and `vector` [B, D]
-  go into the batch. Each distinct caption is encoded once and kept in an
-  LRU cache of `conditioning.text_cache_size` captions (a captioned data set
-  repeats its captions every epoch).
+  384, or the BERT or T5 checkpoint directory `conditioning.frozen_encoder_path`,
+  see `FrozenTextEncoder.pretrained`) runs outside the train step, so it has
+  no gradients and no optimizer state; its outputs `tokens` [B, L, D], `mask`
+  [B, L] and `vector` [B, D] go into the batch. Each distinct caption is
+  encoded once and kept in an LRU cache of `conditioning.text_cache_size`
+  captions (a captioned data set repeats its captions every epoch).
 
 The null text of classifier-free guidance is the empty caption, encoded the
 same way (`null`).
