@@ -39,6 +39,12 @@ def base_config():
   # trace of the image (sqrt(abar_T) x) that training lets the network read and
   # that pure N(0, I) noise at sampling does not have; cosine has abar_T ~ 0.
   config.diffusion.schedule = "cosine"
+  # v-prediction (Salimans & Ho 2022): x0 = sqrt(abar) x_t - sqrt(1 - abar) v stays
+  # well conditioned near T, where cosine's abar_999 = 2.4e-9 makes the eps route
+  # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiply eps errors by 2e4. With eps,
+  # the 16->32 upsampler sampled at 8.4 dB PSNR after 500 steps (its first sampling
+  # step saturates x0 into noise the later steps keep); with v, 29.9 dB.
+  config.diffusion.prediction = "v"
   config.conditioning.type = "text"
   config.conditioning.p_uncond = 0.1
   config.optim.lr = 1e-3
