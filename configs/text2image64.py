@@ -5,14 +5,14 @@ the same code as the CPU configs (configs/shapes_text_frozen.py):
 
 * U-Net: ch 256, ch_mult (1, 2, 3, 4), 3 res blocks, self-attention at 32, 16
   and 8, cross-attention to the text tokens at 32, 16 and 8 (64-wide heads),
-  scale-shift norm, bf16 compute: 590M parameters (Imagen's 64x64 base has
+  scale-shift norm, bf16 compute: 698M parameters (Imagen's 64x64 base has
   2B with ch 512; raise model.ch for that).
-* Text: a frozen BERT-family encoder given by `conditioning.frozen_encoder_path`
-  (a folder with config.json, model.safetensors and tokenizer.json), here one
-  1024 wide (BERT-large size; set cross_attn_dim / cond_vector_dim to the
-  width of yours). Imagen's T5-XXL (4096 wide) needs a T5 Flax module behind
-  the same interface (diffusion_jax/text/__init__.py explains how); only
-  BERT-family checkpoints load today.
+* Text: a frozen T5-XXL encoder, as Imagen (4096 wide), from
+  `conditioning.frozen_encoder_path`: a Hugging Face checkpoint folder with
+  config.json, model.safetensors (or its sharded index) and tokenizer.json,
+  e.g. google/t5-v1_1-xxl or google/flan-t5-xxl downloaded beforehand (only
+  the encoder's tensors are read; diffusion_jax/text/t5.py). A BERT-family
+  folder works too: set cross_attn_dim / cond_vector_dim to its width.
 * Training: captions dropped with p 0.1, Adam 1e-4 with 10k warm-up steps,
   batch 2048, EMA 0.9999; sampling with guidance 5 and dynamic thresholding
   (Imagen's settings).
@@ -41,12 +41,12 @@ def get_config():
   m.scale_shift_norm = True
   m.resblock_updown = True
   m.dtype = "bfloat16"
-  m.cross_attn_dim = m.cond_vector_dim = 1024
+  m.cross_attn_dim = m.cond_vector_dim = 4096  # T5-XXL's d_model
   c = config.conditioning
   c.type, c.text_encoder, c.p_uncond = "text", "frozen", 0.1
   c.text_max_length = 128
-  c.frozen_encoder_path = "/path/to/bert-large-family-encoder"
-  c.text_cache_size = 20_000  # 128 x 1024 floats (0.5 MB) per caption: 10 GB
+  c.frozen_encoder_path = "/path/to/t5-v1_1-xxl"
+  c.text_cache_size = 5_000  # 128 x 4096 floats (2 MB) per caption: 10 GB
   o = config.optim
   o.lr, o.warmup_steps, o.ema_decay, o.ema_warmup = 1e-4, 10_000, 0.9999, False
   t = config.training
