@@ -20,6 +20,21 @@ def apply_overrides(config, **overrides):
   return config
 
 
+def perturbed_params(model, config):
+  """Init params with every leaf perturbed by N(0, 0.05^2).
+
+  DDPM zero-initialises each ResBlock's last conv and conv_out, which would hide
+  an input's effect on the output; tests of conditioning paths use these.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (after the environment is set)
+  from diffusion_jax import sample  # pylint: disable=g-import-not-at-top
+  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
+                                   for a, k in zip(leaves, keys)])
+
+
 def _prepared(tmp_path_factory, name: str, config) -> str:
   """A fresh TFDS data_dir with the offline set of `config.data` built in it."""
   from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top

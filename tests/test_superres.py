@@ -13,7 +13,7 @@ from configs import test as test_config
 from diffusion_jax import (cascade, conditioning, config_lib, diffusion, input_pipeline,
                            models, parallel, sample, schedules, superres, train)
 from diffusion_jax.evaluation import image_metrics
-from tests.conftest import apply_overrides
+from tests.conftest import apply_overrides, perturbed_params
 
 # ---- Augmentation maths -------------------------------------------------------------
 
@@ -127,11 +127,7 @@ def _perturbed_model_fn(model_config, config, x):
   """cond -> output of a model whose parameters are all perturbed: the last conv of
   each ResBlock and conv_out start at zero (as DDPM), which would hide the level."""
   model = models.create_model(model_config, 1)
-  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
-                                     for a, k in zip(leaves, keys)])
+  params = perturbed_params(model, config)
   t = jnp.zeros((x.shape[0],), jnp.int32)
   apply = jax.jit(lambda c: model.apply({"params": params}, x, t, c, train=False))
   return lambda c: np.asarray(apply(c))

@@ -11,7 +11,7 @@ from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
 from diffusion_jax import (cascade, conditioning, config_lib, models, optim, parallel, sample,
                            train)
 from diffusion_jax.text import conditioner
-from tests.conftest import apply_overrides
+from tests.conftest import apply_overrides, perturbed_params
 
 
 def _tiny(config, data_dir="", **overrides):
@@ -29,19 +29,10 @@ def _tiny(config, data_dir="", **overrides):
   return apply_overrides(config, **overrides)
 
 
-def _perturbed(model, config):
-  """Init params with every leaf perturbed (zero-initialised output convs hide inputs)."""
-  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
-                                   for a, k in zip(leaves, keys)])
-
-
 def test_text_changes_the_output_and_padding_is_hidden():
   config = _tiny(shapes_text_glide.get_config())
   model = models.create_model(config.model, 3)
-  params = _perturbed(model, config)
+  params = perturbed_params(model, config)
   encode = conditioner.TextConditioner(config)
   x, t = jnp.zeros((2, 32, 32, 3)), jnp.full((2,), 500, jnp.int32)
   apply = jax.jit(lambda c: model.apply({"params": params}, x, t, c, train=False))
