@@ -18,8 +18,6 @@ import argparse
 import json
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import checkpointing, guidance, sample

@@ -1,19 +1,23 @@
 """U-Net speed: forward and train-step time, images/s, XLA FLOPs, share of matmul peak.
 
-Prints one JSON line per measurement: first the float32 matmul rate of this machine
-(a square `jnp.dot`), then for each model a "forward" line (train=False, as a
+Prints one JSON line per measurement: first the matmul rate of this machine in the
+compute dtype (a square `jnp.dot`; float32, or bf16 with `--dtype=bfloat16`), then for each model a "forward" line (train=False, as a
 sampler calls it) and a "train_step" line (eps-prediction MSE, forward + backward
 + Adam via optax, dropout on). Times are medians of `--steps` calls after a warm-up
 call, each ended with `block_until_ready`; FLOPs are XLA's own count for the
 compiled function (`cost_analysis()`), so `matmul_fraction` = achieved FLOP/s over
-the measured matmul FLOP/s.
+the measured matmul FLOP/s. Where the backend reports memory (GPU, TPU), each line
+also has the device's peak bytes in use so far (`peak_mem_gib`).
 
   python benchmarks/model_bench.py                 # both models
   python benchmarks/model_bench.py --which=tiny --steps=20
+  python benchmarks/model_bench.py --which=cifar10 --dtype=bfloat16 --batches=128,512
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -21,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from diffusion_jax.models import create_model
 
@@ -30,11 +36,19 @@ CIFAR10_MODEL = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2
 
 
 def _models(dtype: str, remat: bool) -> dict[str, tuple[dict, tuple[int, ...]]]:
-  """name -> (model config, [B, H, W, C] input shape)."""
+  """name -> (model config, [B, H, W, C] input shape at the default batch)."""
   tiny = dict(default.get_config().model)
   extra = dict(dtype=dtype, remat=remat)
   return {"cifar10": ({**CIFAR10_MODEL, **extra}, (8, 32, 32, 3)),
           "tiny": ({**tiny, **extra}, (64, 16, 16, 1))}
+
+
+def _peak_mem_gib() -> dict:
+  """{'peak_mem_gib': ...} where the backend reports memory (not XLA:CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" not in stats:
+    return {}
+  return {"peak_mem_gib": round(stats["peak_bytes_in_use"] / 2**30, 2)}
 
 
 def _time(fn: Callable[[], Any], steps: int) -> float:
@@ -55,14 +69,14 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def matmul_rate(n: int, steps: int) -> float:
-  """Measured float32 FLOP/s of an n x n matmul on the default device."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_rate(n: int, steps: int, dtype: str = "float32") -> float:
+  """Measured FLOP/s of an n x n matmul in `dtype` on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   seconds = _time(lambda: dot(a, b), steps)
   rate = 2 * n**3 / seconds
-  print(json.dumps({"bench": "matmul_f32", "n": n, "ms": round(1e3 * seconds, 3),
+  print(json.dumps({"bench": "matmul", "dtype": dtype, "n": n, "ms": round(1e3 * seconds, 3),
                     "gflop_per_s": round(rate / 1e9, 2)}), flush=True)
   return rate
 
@@ -126,7 +140,8 @@ def _report(common: dict, phase: str, seconds: float, flops: float, compile_s: f
                     "images_per_s": round(common["batch"] / seconds, 2),
                     "gflop": round(flops / 1e9, 3), "gflop_per_s": round(rate / 1e9, 2),
                     "matmul_fraction": round(rate / peak, 3),
-                    "compile_s": round(compile_s, 2), **extra}), flush=True)
+                    "compile_s": round(compile_s, 2), **extra, **_peak_mem_gib()}),
+        flush=True)
 
 
 def main() -> None:
@@ -136,15 +151,19 @@ def main() -> None:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--remat", action="store_true", help="rematerialise each block")
   parser.add_argument("--matmul_n", type=int, default=2048)
+  parser.add_argument("--batches", default="", help="batch sizes, e.g. 128,512 "
+                      "(default: 8 for cifar10, 64 for tiny)")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(json.dumps({"bench": "env", "jax": jax.__version__, "backend": jax.default_backend(),
                     "device": device.device_kind, "device_count": jax.device_count()}),
         flush=True)
-  peak = matmul_rate(args.matmul_n, max(args.steps, 5))
+  peak = matmul_rate(args.matmul_n, max(args.steps, 5), args.dtype)
   for name, (model_config, shape) in _models(args.dtype, args.remat).items():
-    if args.which in ("all", name):
-      bench_model(name, model_config, shape, args.steps, peak)
+    if args.which not in ("all", name):
+      continue
+    for batch in [int(b) for b in args.batches.split(",") if b] or [shape[0]]:
+      bench_model(name, model_config, (batch,) + shape[1:], args.steps, peak)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ images/s. The network has random weights: speed does not depend on them.
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cifar10, digits
 from diffusion_jax import models, parallel, samplers, schedules
 
