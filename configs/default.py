@@ -110,7 +110,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear", "cosine", "quad", "sigmoid".
   diffusion.num_timesteps = 1000
-  diffusion.prediction = "eps"  # What the network predicts: "eps", "x0", "v".
+  # What the network predicts: "eps", "x0", "v". eps (DDPM) recovers x0 by dividing
+  # by sqrt(abar_t), which near T under "cosine" (abar_999 = 2.4e-9) multiplies eps
+  # errors by 2e4: short runs then sample noisy images; prefer "v" there
+  # (docs/benchmarks.md, "Why the shapes configs predict v").
+  diffusion.prediction = "eps"
   diffusion.weighting = "none"  # Loss weighting: "none" or "min_snr".
   diffusion.min_snr_gamma = 5.0  # gamma for min-SNR weighting.
 
