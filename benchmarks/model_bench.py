@@ -7,7 +7,9 @@ sampler calls it) and a "train_step" line (eps-prediction MSE, forward + backwar
 call, each ended with `block_until_ready`; FLOPs are XLA's own count for the
 compiled function (`cost_analysis()`), so `matmul_fraction` = achieved FLOP/s over
 the measured matmul FLOP/s. Where the backend reports memory (GPU, TPU), each line
-also has the device's peak bytes in use so far (`peak_mem_gib`).
+also has the device's peak bytes in use so far in the process
+(`peak_mem_gib_so_far`: run one model and batch per process for a clean figure; the
+train step does not donate its inputs, so it holds two copies of params and Adam state).
 
   python benchmarks/model_bench.py                 # both models
   python benchmarks/model_bench.py --which=tiny --steps=20
@@ -44,11 +46,11 @@ def _models(dtype: str, remat: bool) -> dict[str, tuple[dict, tuple[int, ...]]]:
 
 
 def _peak_mem_gib() -> dict:
-  """{'peak_mem_gib': ...} where the backend reports memory (not XLA:CPU)."""
+  """{'peak_mem_gib_so_far': ...} where the backend reports memory (not XLA:CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" not in stats:
     return {}
-  return {"peak_mem_gib": round(stats["peak_bytes_in_use"] / 2**30, 2)}
+  return {"peak_mem_gib_so_far": round(stats["peak_bytes_in_use"] / 2**30, 2)}
 
 
 def _time(fn: Callable[[], Any], steps: int) -> float:

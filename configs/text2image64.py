@@ -9,9 +9,12 @@ the same code as the CPU configs (configs/shapes_text_frozen.py):
   2B with ch 512; raise model.ch for that).
 * Text: a frozen T5-XXL encoder, as Imagen (4096 wide), from
   `conditioning.frozen_encoder_path`: a Hugging Face checkpoint folder with
-  config.json, model.safetensors (or its sharded index) and tokenizer.json,
-  e.g. google/t5-v1_1-xxl or google/flan-t5-xxl downloaded beforehand (only
-  the encoder's tensors are read; diffusion_jax/text/t5.py). A BERT-family
+  config.json, model.safetensors (or its sharded index) and tokenizer.json
+  (only the encoder's tensors are read; diffusion_jax/text/t5.py), in
+  bfloat16. Some hub repos (google/t5-v1_1-xxl) ship only pytorch_model.bin
+  and spiece.model: write the folder once with transformers,
+  `T5EncoderModel.from_pretrained(name).save_pretrained(dir)` and
+  `AutoTokenizer.from_pretrained(name).save_pretrained(dir)`. A BERT-family
   folder works too: set cross_attn_dim / cond_vector_dim to its width.
 * Training: captions dropped with p 0.1, Adam 1e-4 with 10k warm-up steps,
   batch 2048, EMA 0.9999; sampling with guidance 5 and dynamic thresholding
@@ -46,6 +49,7 @@ def get_config():
   c.type, c.text_encoder, c.p_uncond = "text", "frozen", 0.1
   c.text_max_length = 128
   c.frozen_encoder_path = "/path/to/t5-v1_1-xxl"
+  c.frozen_encoder_dtype = "bfloat16"
   c.text_cache_size = 5_000  # 128 x 4096 floats (2 MB) per caption: 10 GB
   o = config.optim
   o.lr, o.warmup_steps, o.ema_decay, o.ema_warmup = 1e-4, 10_000, 0.9999, False

@@ -103,6 +103,8 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
            "> 0 (the text encoder's width).")
   _require(m.num_classes == 0, "A text-conditioned model takes no class labels "
            "(model.num_classes = 0).")
+  _one_of("conditioning.frozen_encoder_dtype", c.get("frozen_encoder_dtype", "float32"),
+          ("float32", "bfloat16"))
   length = m.text_max_length if c.text_encoder == "trained" else c.text_max_length
   _require(length >= 3, f"The text context must hold at least 3 tokens (begin, one, end); "
            f"got {length} (model.text_max_length for 'trained', conditioning.text_max_length "

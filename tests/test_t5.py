@@ -13,6 +13,7 @@ import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -415,3 +416,34 @@ def test_conditioner_builds_t5_from_config(tmp_path):
   config.model.cross_attn_dim = 384
   with pytest.raises(ValueError, match="gives 16-wide embeddings"):
     conditioner.TextConditioner(config)
+
+
+def test_bfloat16_encoder_from_config(tmp_path):
+  """conditioning.frozen_encoder_dtype reaches a T5's params and compute."""
+  pytest.importorskip("ml_collections")
+  from configs import shapes_text_frozen  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
+  state = _write_checkpoint(tmp_path, proj="relu")
+  config = shapes_text_frozen.get_config()
+  config.conditioning.frozen_encoder_path = str(tmp_path)
+  config.conditioning.frozen_encoder_dtype = "bfloat16"
+  config.conditioning.text_max_length = 8
+  config.model.cross_attn_dim = config.model.cond_vector_dim = 16
+  cond = conditioner.TextConditioner(config)
+  leaves = jax.tree.leaves(cond._encoder.params)  # pylint: disable=protected-access
+  assert {a.dtype for a in leaves} == {jnp.dtype(jnp.bfloat16)}
+  out = cond(["a red car", "a cat"])
+  ids, mask = cond._encoder.tokenizer.encode(["a red car", "a cat"], 8)  # pylint: disable=protected-access
+  ref, _ = _np_t5(state, ids, mask, {**HF_CONFIG, "feed_forward_proj": "relu"})
+  # bf16 keeps 8 bits of mantissa: outputs of size ~1-4 agree to a few 1e-2.
+  _assert_real_close(out["tokens"], ref, mask, 0.1)
+
+
+def test_missing_tokenizer_fails_before_reading_weights(tmp_path, monkeypatch):
+  _write_checkpoint(tmp_path)
+  (tmp_path / "tokenizer.json").unlink()
+  def no_read(*args, **kwargs):
+    raise AssertionError("weights were read before the file check")
+  monkeypatch.setattr(t5, "read_encoder_tensors", no_read)
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    t5.load_pretrained(tmp_path)

@@ -82,6 +82,9 @@ def test_encoder_width_mismatch_is_a_clear_error():
   config.model.cross_attn_dim = config.model.cond_vector_dim = 256
   with pytest.raises(ValueError, match="gives 384-wide embeddings.*set both to 384"):
     conditioner.TextConditioner(config)
+  config.conditioning.frozen_encoder_dtype = "float16"  # overflows in T5: not offered
+  with pytest.raises(ValueError, match="frozen_encoder_dtype='float16'"):
+    config_lib.validate(config)
 
 
 def test_long_captions_warn_and_text_of_other_models_is_an_error():

@@ -122,19 +122,23 @@ class FrozenTextEncoder:
 
   @classmethod
   def pretrained(cls, path: str | None = None, max_length: int = 64,
-                 normalize: bool | None = None) -> "FrozenTextEncoder":
+                 normalize: bool | None = None, dtype: str = "float32"
+                 ) -> "FrozenTextEncoder":
     """all-MiniLM-L6-v2 (path None), or a T5 or BERT checkpoint dir.
 
     A directory whose `config.json` has `model_type` "t5" / "mt5" loads with
     `t5.load_pretrained`, any other with `load_pretrained` (BERT). `normalize`
     (L2-normalise the pooled vector) None means the model's convention: True for
-    BERT (sentence-transformers), False for T5.
+    BERT (sentence-transformers), False for T5. `dtype` ("float32", "bfloat16") is
+    a T5's parameter and compute dtype, a BERT's compute dtype.
     """
+    dtype = jnp.dtype(dtype)
     if path is not None and t5.is_t5_checkpoint(path):
-      module, params, tokenizer = t5.load_pretrained(path, normalize=bool(normalize))
+      module, params, tokenizer = t5.load_pretrained(
+          path, normalize=bool(normalize), dtype=dtype, param_dtype=dtype)
     else:
       module, params, tokenizer = load_pretrained(
-          path, normalize=True if normalize is None else normalize)
+          path, normalize=True if normalize is None else normalize, dtype=dtype)
     return cls(module, params, tokenizer, max_length)
 
   def __call__(self, texts: Sequence[str]) -> TextEncoding:

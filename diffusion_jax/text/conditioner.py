@@ -52,8 +52,9 @@ class TextConditioner:
     # pylint: disable-next=g-import-not-at-top  (needs the optional `text` extra)
     from diffusion_jax.text import FrozenTextEncoder
     self.max_length = c.text_max_length
-    self._encoder = FrozenTextEncoder.pretrained(c.frozen_encoder_path or None,
-                                                 max_length=self.max_length)
+    self._encoder = FrozenTextEncoder.pretrained(
+        c.frozen_encoder_path or None, max_length=self.max_length,
+        dtype=c.get("frozen_encoder_dtype", "float32"))
     width = self._encoder.module.config.hidden_size
     if m.cross_attn_dim != width or m.cond_vector_dim != width:
       raise ValueError(

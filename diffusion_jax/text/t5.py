@@ -408,6 +408,14 @@ def load_pretrained(path: PathLike, *, normalize: bool = False, dtype: Dtype = j
     FileNotFoundError: a file is missing.
   """
   model_dir = pathlib.Path(path)
+  # Fail before reading gigabytes of weights when a small file is missing.
+  for name in ("config.json", "tokenizer.json"):
+    if not (model_dir / name).is_file():
+      raise FileNotFoundError(
+          f"{model_dir} has no {name}. A Hugging Face T5 folder needs config.json, "
+          "model.safetensors (or its index) and tokenizer.json; write them with "
+          "`T5EncoderModel.from_pretrained(name).save_pretrained(dir)` and "
+          "`AutoTokenizer.from_pretrained(name).save_pretrained(dir)`.")
   config = T5Config.from_hf_json(model_dir / "config.json")
   module = T5Encoder(config, normalize=normalize, dtype=dtype, param_dtype=param_dtype)
   params = params_from_state_dict(module, read_encoder_tensors(model_dir, ignore), ignore,
