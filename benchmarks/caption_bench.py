@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -43,11 +44,12 @@ def test_captions(per_subset: int) -> tuple[list[str], np.ndarray]:
 
 
 def sample_single(workdir: str, captions: list[str], scale: float, batch: int, seed: int,
-                  num_steps: int) -> tuple[np.ndarray, int]:
-  """uint8 [N, 32, 32, 3] from one text-conditioned run at a guidance scale."""
+                  num_steps: int, step: Optional[int] = None) -> tuple[np.ndarray, int]:
+  """uint8 [N, 32, 32, 3] from one text-conditioned run (its checkpoint at `step`,
+  default the latest) at a guidance scale."""
   config = from_workdir.get_config(workdir)
   config.sample.num_steps = num_steps
-  model, params, step, mesh = sample.restore_ema(config, workdir)
+  model, params, step, mesh = sample.restore_ema(config, workdir, step)
   encode = conditioner.TextConditioner(config)
   fn = sample.make_sample_fn(model, sample.make_schedule(config), config, batch, mesh,
                              guided=True)
@@ -83,6 +85,8 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--num_steps", type=int, default=50)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step of the --workdirs runs (default: latest)")
   args = parser.parse_args()
   captions, held_out = test_captions(args.per_subset)
   runs = [("single", w) for w in args.workdirs.split(",") if w]
@@ -93,7 +97,7 @@ def main():
       start = time.perf_counter()
       if kind == "single":
         images, step = sample_single(target, captions, scale, args.batch, args.seed,
-                                     args.num_steps)
+                                     args.num_steps, args.step)
       else:
         images, step = sample_cascade(target, captions, scale, args.batch, args.seed,
                                       args.num_steps), None
