@@ -234,8 +234,9 @@ def _config_fields(name: str) -> str:
   return "hidden_size"
 
 
-def _abstract_params(module: BertEncoder) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-  """Flattened param shapes from `jax.eval_shape`: no parameter is materialised."""
+def abstract_params(module: nn.Module) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+  """Flattened param shapes of a text encoder (`init(key, ids, mask)`) from
+  `jax.eval_shape`: no parameter is materialised."""
   dummy = jnp.zeros((1, 2), jnp.int32)
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy, dummy.astype(bool))
   return traverse_util.flatten_dict(abstract["params"])
@@ -244,7 +245,7 @@ def _abstract_params(module: BertEncoder) -> dict[tuple[str, ...], jax.ShapeDtyp
 def init_shapes(module: BertEncoder) -> dict[str, tuple[int, ...]]:
   """HF name -> the shape the module expects, in HF layout (Linear weights `[out, in]`)."""
   return {hf_name(path): _hf_shape(path, leaf.shape)
-          for path, leaf in _abstract_params(module).items()}
+          for path, leaf in abstract_params(module).items()}
 
 
 def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -328,7 +329,7 @@ def params_from_state_dict(module: BertEncoder, state: Mapping[str, np.ndarray],
   # Names outside the prefix (e.g. another sentence-transformers module) stay whole,
   # so they are reported as unused unless ignored.
   found = {n[len(prefix):] if n.startswith(prefix) else n: v for n, v in state.items()}
-  abstract = _abstract_params(module)
+  abstract = abstract_params(module)
   expected = {hf_name(path): _hf_shape(path, leaf.shape) for path, leaf in abstract.items()}
   _check_names(expected, found, prefix, ignore, source)
   _check_shapes(expected, found, module.config, source)

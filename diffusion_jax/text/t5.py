@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from diffusion_jax.text.bert import mean_pool
+from diffusion_jax.text.bert import abstract_params, mean_pool
 from diffusion_jax.text.tokenizers import WordPieceTokenizer
 
 Dtype = Any
@@ -253,17 +253,10 @@ def hf_name(path: tuple[str, ...]) -> str:
   return f"encoder.block.{path[0][len('block_'):]}.{_BLOCK_NAMES[path[1]]}.weight"
 
 
-def _abstract_params(module: T5Encoder) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-  """Flattened param shapes from `jax.eval_shape`: no parameter is materialised."""
-  dummy = jnp.zeros((1, 2), jnp.int32)
-  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy, dummy == 0)
-  return traverse_util.flatten_dict(abstract["params"])
-
-
 def init_shapes(module: T5Encoder) -> dict[str, tuple[int, ...]]:
   """HF name -> the shape the module expects, in HF layout (Linear weights `[out, in]`)."""
   return {hf_name(p): leaf.shape[::-1] if p[-1] == "kernel" else leaf.shape
-          for p, leaf in _abstract_params(module).items()}
+          for p, leaf in abstract_params(module).items()}
 
 
 def _check_state(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, Any],
@@ -311,7 +304,7 @@ def params_from_state_dict(module: T5Encoder, state: Mapping[str, np.ndarray],
   alias = found.pop(_EMBED_ALIAS, None)
   if alias is not None and "shared.weight" not in found:
     found["shared.weight"] = alias
-  abstract = _abstract_params(module)
+  abstract = abstract_params(module)
   expected = init_shapes(module)
   _check_state(expected, found, ignore, module.config, source)
   flat = {}
