@@ -127,7 +127,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
-        # A step counts only once its commit file exists (FACTS: on local
+        # A step counts only once its commit file exists (measured: on local
         # disk any step-named directory would otherwise count).
         atomicity_options=ocp.options.AtomicityOptions(
             mode=ocp.options.AtomicityMode.COMMIT_FILE))

@@ -7,7 +7,7 @@ as torchvision's InceptionV3 with patched blocks (FIDInceptionA/C/E_1/E_2: the
 classifier. This module is the same network, with parameter names that mirror
 pytorch-fid's state dict, so its weights file loads key by key.
 
-Weights (not shipped with any PyPI package; docs FACTS.md): download pytorch-fid's
+Weights (not shipped with any PyPI package): download pytorch-fid's
   https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 and convert it once, on any machine with torch, with
   python -m diffusion_jax.evaluation.convert_inception_weights \

@@ -8,7 +8,7 @@ network features of real and generated images:
 It is computed as pytorch-fid and TTUR do (scipy's matrix square root, an `eps`
 offset on the diagonals if the product is singular, the imaginary part dropped
 when it is numerical noise), but always in float64: in float32 the result is
-off by about 1e-4 (docs FACTS.md).
+off by about 1e-4.
 
 Statistics files are `.npz` with `mu` [D] and `sigma` [D, D] (the keys pytorch-fid
 and TTUR use, so their reference files load here), plus, when written by us,
