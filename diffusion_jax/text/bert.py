@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from diffusion_jax.text import hf_weights
 from diffusion_jax.text.tokenizers import WordPieceTokenizer
 
 Dtype = Any
@@ -234,23 +234,9 @@ def _config_fields(name: str) -> str:
   return "hidden_size"
 
 
-def abstract_params(module: nn.Module) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-  """Flattened param shapes of a text encoder (`init(key, ids, mask)`) from
-  `jax.eval_shape`: no parameter is materialised."""
-  dummy = jnp.zeros((1, 2), jnp.int32)
-  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy, dummy.astype(bool))
-  return traverse_util.flatten_dict(abstract["params"])
-
-
 def init_shapes(module: BertEncoder) -> dict[str, tuple[int, ...]]:
   """HF name -> the shape the module expects, in HF layout (Linear weights `[out, in]`)."""
-  return {hf_name(path): _hf_shape(path, leaf.shape)
-          for path, leaf in abstract_params(module).items()}
-
-
-def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  # torch Linear weights are [out, in], the transpose of a Flax Dense kernel.
-  return shape[::-1] if path[-1] == "kernel" else shape
+  return hf_weights.hf_shapes(hf_weights.abstract_params(module), hf_name)
 
 
 def find_prefix(names: Iterable[str]) -> str:
@@ -329,16 +315,11 @@ def params_from_state_dict(module: BertEncoder, state: Mapping[str, np.ndarray],
   # Names outside the prefix (e.g. another sentence-transformers module) stay whole,
   # so they are reported as unused unless ignored.
   found = {n[len(prefix):] if n.startswith(prefix) else n: v for n, v in state.items()}
-  abstract = abstract_params(module)
-  expected = {hf_name(path): _hf_shape(path, leaf.shape) for path, leaf in abstract.items()}
+  abstract = hf_weights.abstract_params(module)
+  expected = hf_weights.hf_shapes(abstract, hf_name)
   _check_names(expected, found, prefix, ignore, source)
   _check_shapes(expected, found, module.config, source)
-  flat = {}
-  for path in abstract:
-    array = np.asarray(found[hf_name(path)])
-    # torch Linear stores [out, in]; Flax Dense kernels are [in, out].
-    flat[path] = jnp.asarray(array.T if path[-1] == "kernel" else array, module.param_dtype)
-  return traverse_util.unflatten_dict(flat)
+  return hf_weights.params_from_hf(abstract, found, hf_name, module.param_dtype)
 
 
 def to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -347,11 +328,7 @@ def to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   `safetensors.numpy.save_file(to_state_dict(params), path)` writes a checkpoint
   that `load_pretrained` / `params_from_state_dict` read back.
   """
-  out = {}
-  for path, leaf in traverse_util.flatten_dict(params).items():
-    array = np.asarray(leaf, np.float32)
-    out[hf_name(path)] = np.ascontiguousarray(array.T if path[-1] == "kernel" else array)
-  return out
+  return hf_weights.state_from_params(params, hf_name)
 
 
 def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:

@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from diffusion_jax.text.bert import abstract_params, mean_pool
+from diffusion_jax.text import hf_weights
+from diffusion_jax.text.bert import mean_pool
 from diffusion_jax.text.tokenizers import WordPieceTokenizer
 
 Dtype = Any
@@ -255,8 +255,7 @@ def hf_name(path: tuple[str, ...]) -> str:
 
 def init_shapes(module: T5Encoder) -> dict[str, tuple[int, ...]]:
   """HF name -> the shape the module expects, in HF layout (Linear weights `[out, in]`)."""
-  return {hf_name(p): leaf.shape[::-1] if p[-1] == "kernel" else leaf.shape
-          for p, leaf in abstract_params(module).items()}
+  return hf_weights.hf_shapes(hf_weights.abstract_params(module), hf_name)
 
 
 def _check_state(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, Any],
@@ -304,24 +303,14 @@ def params_from_state_dict(module: T5Encoder, state: Mapping[str, np.ndarray],
   alias = found.pop(_EMBED_ALIAS, None)
   if alias is not None and "shared.weight" not in found:
     found["shared.weight"] = alias
-  abstract = abstract_params(module)
-  expected = init_shapes(module)
-  _check_state(expected, found, ignore, module.config, source)
-  flat = {}
-  for path in abstract:
-    array = np.asarray(found[hf_name(path)])
-    # torch Linear stores [out, in]; Flax Dense kernels are [in, out].
-    flat[path] = jnp.asarray(array.T if path[-1] == "kernel" else array, module.param_dtype)
-  return traverse_util.unflatten_dict(flat)
+  abstract = hf_weights.abstract_params(module)
+  _check_state(hf_weights.hf_shapes(abstract, hf_name), found, ignore, module.config, source)
+  return hf_weights.params_from_hf(abstract, found, hf_name, module.param_dtype)
 
 
 def to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The inverse map: Flax params -> HF-named float32 numpy arrays."""
-  out = {}
-  for path, leaf in traverse_util.flatten_dict(params).items():
-    array = np.asarray(leaf, np.float32)
-    out[hf_name(path)] = np.ascontiguousarray(array.T if path[-1] == "kernel" else array)
-  return out
+  return hf_weights.state_from_params(params, hf_name)
 
 
 def read_encoder_tensors(model_dir: PathLike, ignore: tuple[str, ...] = DEFAULT_IGNORE
