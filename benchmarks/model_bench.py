@@ -1,9 +1,10 @@
 """U-Net speed: forward and train-step time, images/s, XLA FLOPs, share of matmul peak.
 
 Prints one JSON line per measurement: first the matmul rate of this machine in the
-compute dtype (a square `jnp.dot`; float32, or bf16 with `--dtype=bfloat16`), then for each model a "forward" line (train=False, as a
-sampler calls it) and a "train_step" line (eps-prediction MSE, forward + backward
-+ Adam via optax, dropout on). Times are medians of `--steps` calls after a warm-up
+compute dtype (a square `jnp.dot`; float32, or bf16 with `--dtype=bfloat16`), then
+for each model a "forward" line (train=False, as a sampler calls it) and a
+"train_step" line (eps-prediction MSE, forward + backward + Adam via optax, dropout
+on). Times are medians of `--steps` calls after a warm-up
 call, each ended with `block_until_ready`; FLOPs are XLA's own count for the
 compiled function (`cost_analysis()`), so `matmul_fraction` = achieved FLOP/s over
 the measured matmul FLOP/s. Where the backend reports memory (GPU, TPU), each line

@@ -2,8 +2,10 @@
 
 For each t_start, noises the real high-resolution test images to x_{t_start}
 by q(x_t | x_0) and runs deterministic DDIM (the 50-step grid's steps at or
-below t_start; the row's `t_start_grid` is the first of them) to x_0, with and without static thresholding; t_start = T-1
-starts from pure noise instead, as real sampling does. PSNR against the real
+below t_start; the row's `t_start_grid` is the first of them) to x_0, with and
+without static thresholding; t_start = T-1 starts from pure noise instead, as
+real sampling does. (`samplers.sample` always starts from pure noise, hence the
+loop here, the same update as its DDIM step at eta = 0.) PSNR against the real
 images then shows whether quality is lost in the noisiest steps (where an
 eps model's x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is ill-conditioned)
 or all along. One JSON line per t_start.
@@ -71,8 +73,9 @@ def main():
                prediction=config.diffusion.prediction, t_start=t_start,
                sampler=f"ddim{args.num_steps}", num_images=len(high))
     for clip in (True, False):
-      fake, row["t_start_grid"] = ddim_from(denoise, schedule, config.diffusion.prediction, x0_true, t_start,
-                       args.num_steps, clip, jax.random.key(0))
+      fake, row["t_start_grid"] = ddim_from(denoise, schedule, config.diffusion.prediction,
+                                            x0_true, t_start, args.num_steps, clip,
+                                            jax.random.key(0))
       row["psnr_clip" if clip else "psnr_noclip"] = round(
           float(np.mean(image_metrics.psnr(fake, high))), 2)
     print(json.dumps(row), flush=True)

@@ -29,10 +29,10 @@ Plugging in another frozen encoder: write
 
   * a Flax module `M` whose `M.apply({"params": p}, ids, mask)` returns
     `(tokens [B, L, D], pooled [B, D])` (`t5.T5Encoder` and `BertEncoder` do);
-  * a loader `(module, params, tokenizer)`, reusing the pattern of
-    `bert.params_from_state_dict` / `t5.params_from_state_dict`: build the module
-    from the checkpoint's config, map each safetensors name to a Flax path, and
-    compare every shape with `jax.eval_shape(module.init, ...)` before use;
+  * a loader `(module, params, tokenizer)`, as `bert.params_from_state_dict` /
+    `t5.params_from_state_dict`: build the module from the checkpoint's config,
+    write an `hf_name(flax_path) -> tensor name`, and let `hf_weights` give the
+    expected shapes (check every one before use) and map the tensors to params;
   * a tokenizer with `encode(texts, max_length)`. `WordPieceTokenizer` runs any
     HF `tokenizer.json` through the `tokenizers` package, whatever its model type.
 
