@@ -33,6 +33,7 @@ from diffusion_jax import cascade, sample
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import shapes_checker
 from diffusion_jax.text import conditioner
+from diffusion_jax import xla_flags
 
 
 def test_captions(per_subset: int) -> tuple[list[str], np.ndarray]:
@@ -88,6 +89,7 @@ def main():
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step of the --workdirs runs (default: latest)")
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
   captions, held_out = test_captions(args.per_subset)
   runs = [("single", w) for w in args.workdirs.split(",") if w]
   if args.cascade:

@@ -22,6 +22,7 @@ import numpy as np
 
 from diffusion_jax import checkpointing, sample
 from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
+from diffusion_jax import xla_flags
 
 DEFAULT_SETTINGS = ("ancestral:1000,ddim:10,ddim:20,ddim:50,"
                     "dpm_solver++:10,dpm_solver++:20,dpm_solver++:50")
@@ -49,6 +50,7 @@ def main() -> None:
                       help="TFDS data dir of the real digits (default: the run's)")
   parser.add_argument("--save_dir", default="", help="also write each sample set (.npz)")
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
 
   config = checkpointing.load_config(args.workdir)
   data_dir = config.data.data_dir if args.data_dir is None else args.data_dir

@@ -39,7 +39,8 @@ def _run_main(workdir, config, steps, cache_dir, extra=()):
 def step_alone_rate(config_path: str, steps: int) -> float:
   """Steps/s of the jitted train step alone, in this process."""
   sys.path.insert(0, ROOT)
-  from diffusion_jax import models, optim, parallel, sample, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import models, optim, parallel, sample, train, xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.apply_defaults()  # as main.py does, before the first computation
   import importlib  # pylint: disable=g-import-not-at-top
   name = os.path.splitext(os.path.basename(config_path))[0]
   config = importlib.import_module(f"configs.{name}").get_config()

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from diffusion_jax import checkpointing, guidance, sample
+from diffusion_jax import xla_flags
 
 
 def _score(images: np.ndarray, labels: np.ndarray, data_dir: str) -> dict:
@@ -61,6 +62,7 @@ def main() -> None:
   parser.add_argument("--thresholding", default="static")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
 
   config = checkpointing.load_config(args.workdir)
   config.sample.method, config.sample.num_steps = args.method, args.num_steps

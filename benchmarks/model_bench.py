@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from diffusion_jax.models import create_model
+from diffusion_jax import xla_flags
 
 # The DDPM CIFAR-10 network (Ho et al. 2020, appendix B).
 CIFAR10_MODEL = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
@@ -157,9 +158,11 @@ def main() -> None:
   parser.add_argument("--batches", default="", help="batch sizes, e.g. 128,512 "
                       "(default: 8 for cifar10, 64 for tiny)")
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
   device = jax.devices()[0]
   print(json.dumps({"bench": "env", "jax": jax.__version__, "backend": jax.default_backend(),
-                    "device": device.device_kind, "device_count": jax.device_count()}),
+                    "device": device.device_kind, "device_count": jax.device_count(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")}),
         flush=True)
   peak = matmul_rate(args.matmul_n, max(args.steps, 5), args.dtype)
   for name, (model_config, shape) in _models(args.dtype, args.remat).items():

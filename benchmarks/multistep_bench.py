@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusion_jax import models, optim, parallel, sample, train
+from diffusion_jax import xla_flags
 
 
 def _setup(config_path: str):
@@ -67,6 +68,7 @@ def main():
   parser.add_argument("--ks", default="1,4,16")
   parser.add_argument("--steps", type=int, default=64, help="train steps timed per k")
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
   setup = _setup(args.config)
   base = None
   for k in (int(x) for x in args.ks.split(",")):

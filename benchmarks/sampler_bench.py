@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cifar10, digits
 from diffusion_jax import models, parallel, samplers, schedules
+from diffusion_jax import xla_flags
 
 METHODS = (("ancestral", 1000), ("ddim", 50), ("dpm_solver++", 20))
 
@@ -53,6 +54,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--methods", default="ancestral,ddim,dpm_solver++")
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
   config = (digits if args.which == "digits" else cifar10).get_config()
   mesh = parallel.make_mesh()
   wanted = args.methods.split(",")

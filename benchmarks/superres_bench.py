@@ -26,6 +26,7 @@ from configs import from_workdir
 from diffusion_jax import input_pipeline, metrics, sample
 from diffusion_jax import superres
 from diffusion_jax.evaluation import image_metrics
+from diffusion_jax import xla_flags
 
 
 def test_pairs(config, num_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,6 +56,7 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--num_steps", type=int, default=50)
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
   workdirs = args.workdirs.split(",")
   config = from_workdir.get_config(workdirs[0])
   high, low = test_pairs(config, args.num_images)

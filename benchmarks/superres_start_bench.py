@@ -29,6 +29,7 @@ import superres_bench
 from configs import from_workdir
 from diffusion_jax import conditioning, diffusion, metrics, sample, samplers
 from diffusion_jax.evaluation import image_metrics
+from diffusion_jax import xla_flags
 
 
 def ddim_from(denoise, schedule, prediction, x0_true, t_start, num_steps, clip, rng):
@@ -60,6 +61,7 @@ def main():
   parser.add_argument("--num_images", type=int, default=64)
   parser.add_argument("--num_steps", type=int, default=50)
   args = parser.parse_args()
+  xla_flags.apply_defaults()  # before the first computation
   config = from_workdir.get_config(args.workdir)
   high, low = superres_bench.test_pairs(config, args.num_images)
   model, params, step, _ = sample.restore_ema(config, args.workdir)

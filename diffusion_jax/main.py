@@ -16,7 +16,8 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from diffusion_jax import cascade, checkpointing, evaluate, multihost, sample, train
+from diffusion_jax import (cascade, checkpointing, evaluate, multihost, sample, train,
+                           xla_flags)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -68,6 +69,7 @@ def _enable_compilation_cache(cache_dir: str, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  added_xla_flags = xla_flags.apply_defaults()  # before JAX's first computation
   if not FLAGS.verbose_libraries:
     # Orbax logs through absl's logger; a filter on it sees every record.
     std_logging.getLogger("absl").addFilter(_quiet_libraries)
@@ -85,6 +87,9 @@ def main(argv):
                            "--config=configs/digits.py")
     config = checkpointing.load_config(FLAGS.workdir)
   logging.info("Mode %s, workdir %s, config:\n%s", FLAGS.mode, FLAGS.workdir, config)
+  if added_xla_flags:
+    logging.info("Default XLA flags added (yours in XLA_FLAGS take precedence): %s",
+                 " ".join(added_xla_flags))
   if "cascade" in config:
     if FLAGS.mode != "sample":
       raise app.UsageError("A cascade config (configs/cascade.py) is for --mode=sample; "

@@ -11,6 +11,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402  (after the environment is set)
 
+from diffusion_jax import xla_flags  # noqa: E402
+
+# The XLA flags main.py sets, so tests compile what users run.
+xla_flags.apply_defaults()
+
 
 def apply_overrides(config, **overrides):
   """Sets config[section][field] for each `section__field=value`; returns config."""
