@@ -4,10 +4,11 @@ Prints one JSON line per measurement: first the matmul rate of this machine in t
 compute dtype (a square `jnp.dot`; float32, or bf16 with `--dtype=bfloat16`), then
 for each model a "forward" line (train=False, as a sampler calls it) and a
 "train_step" line (eps-prediction MSE, forward + backward + Adam via optax, dropout
-on). Times are medians of `--steps` calls after a warm-up
-call, each ended with `block_until_ready`; FLOPs are XLA's own count for the
-compiled function (`cost_analysis()`), so `matmul_fraction` = achieved FLOP/s over
-the measured matmul FLOP/s. Where the backend reports memory (GPU, TPU), each line
+on). Times are medians of `--steps` calls after a warm-up call, each ended with
+`block_until_ready` and followed by one call of the matmul, whose median rate over
+the same minutes is the line's `matmul_gflop_per_s`; FLOPs are XLA's own count for
+the compiled function (`cost_analysis()`), so `matmul_fraction` = achieved FLOP/s
+over that matmul FLOP/s. Where the backend reports memory (GPU, TPU), each line
 also has the device's peak bytes in use so far in the process
 (`peak_mem_gib_so_far`: run one model and batch per process for a clean figure; the
 train step does not donate its inputs, so it holds two copies of params and Adam state).
@@ -55,15 +56,25 @@ def _peak_mem_gib() -> dict:
   return {"peak_mem_gib_so_far": round(stats["peak_bytes_in_use"] / 2**30, 2)}
 
 
-def _time(fn: Callable[[], Any], steps: int) -> float:
-  """Median wall time (s) of `steps` calls of `fn` after one warm-up call."""
+def _time(fn: Callable[[], Any], steps: int,
+          matmul: Callable[[], Any] | None = None) -> tuple[float, float]:
+  """Median wall times (s) of `steps` calls of `fn` and of `matmul`, alternated.
+
+  Each call of `fn` is followed by one of `matmul` (if given), so both medians
+  cover the same minutes: on a shared machine whose speed drifts, their ratio
+  stays meaningful where a matmul rate measured once at the start would not.
+  """
   jax.block_until_ready(fn())
-  times = []
+  times, mm_times = [], []
   for _ in range(steps):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    if matmul is not None:
+      start = time.perf_counter()
+      jax.block_until_ready(matmul())
+      mm_times.append(time.perf_counter() - start)
+  return statistics.median(times), statistics.median(mm_times) if mm_times else float("nan")
 
 
 def _flops(compiled) -> float:
@@ -73,16 +84,25 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def matmul_rate(n: int, steps: int, dtype: str = "float32") -> float:
-  """Measured FLOP/s of an n x n matmul in `dtype` on the default device."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  dot = jax.jit(jnp.dot)
-  seconds = _time(lambda: dot(a, b), steps)
-  rate = 2 * n**3 / seconds
-  print(json.dumps({"bench": "matmul", "dtype": dtype, "n": n, "ms": round(1e3 * seconds, 3),
-                    "gflop_per_s": round(rate / 1e9, 2)}), flush=True)
-  return rate
+class Matmul:
+  """An n x n matmul in `dtype` on the default device: the reference rate."""
+
+  def __init__(self, n: int, dtype: str = "float32"):
+    self.n, self.dtype = n, dtype
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    dot = jax.jit(jnp.dot).lower(a, b).compile()
+    self.call = lambda: dot(a, b)
+
+  def rate(self, seconds: float) -> float:
+    return 2 * self.n**3 / seconds
+
+  def report(self, steps: int) -> None:
+    """Prints the rate measured alone (later lines have their own, alternated)."""
+    seconds, _ = _time(self.call, steps)
+    print(json.dumps({"bench": "matmul", "dtype": self.dtype, "n": self.n,
+                      "ms": round(1e3 * seconds, 3),
+                      "gflop_per_s": round(self.rate(seconds) / 1e9, 2)}), flush=True)
 
 
 def _train_step_fn(model, tx):
@@ -105,7 +125,7 @@ def _train_step_fn(model, tx):
 
 
 def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: int,
-                peak: float) -> None:
+                matmul: Matmul) -> None:
   """Prints the forward and train-step lines for one model."""
   model = create_model(model_config, out_channels=shape[-1])
   x = jax.random.uniform(jax.random.key(0), shape, minval=-1.0, maxval=1.0)
@@ -122,8 +142,9 @@ def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: in
   start = time.perf_counter()
   fwd_c = fwd.lower(params, x, t).compile()
   compile_s = time.perf_counter() - start
-  seconds = _time(lambda: fwd_c(params, x, t), steps)
-  _report(common, "forward", seconds, _flops(fwd_c), compile_s, peak, init_s=round(init_s, 2))
+  seconds, mm_s = _time(lambda: fwd_c(params, x, t), steps, matmul.call)
+  _report(common, "forward", seconds, _flops(fwd_c), compile_s, matmul.rate(mm_s),
+          init_s=round(init_s, 2))
 
   tx = optax.adam(2e-4)
   opt_state = tx.init(params)
@@ -133,8 +154,8 @@ def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: in
   step_c = step.lower(params, opt_state, x, key).compile()
   compile_s = time.perf_counter() - start
   # Not donating: the same params are fed each call so every call does equal work.
-  seconds = _time(lambda: step_c(params, opt_state, x, key), steps)
-  _report(common, "train_step", seconds, _flops(step_c), compile_s, peak)
+  seconds, mm_s = _time(lambda: step_c(params, opt_state, x, key), steps, matmul.call)
+  _report(common, "train_step", seconds, _flops(step_c), compile_s, matmul.rate(mm_s))
 
 
 def _report(common: dict, phase: str, seconds: float, flops: float, compile_s: float,
@@ -143,6 +164,7 @@ def _report(common: dict, phase: str, seconds: float, flops: float, compile_s: f
   print(json.dumps({**common, "phase": phase, "ms": round(1e3 * seconds, 2),
                     "images_per_s": round(common["batch"] / seconds, 2),
                     "gflop": round(flops / 1e9, 3), "gflop_per_s": round(rate / 1e9, 2),
+                    "matmul_gflop_per_s": round(peak / 1e9, 2),
                     "matmul_fraction": round(rate / peak, 3),
                     "compile_s": round(compile_s, 2), **extra, **_peak_mem_gib()}),
         flush=True)
@@ -164,12 +186,13 @@ def main() -> None:
                     "device": device.device_kind, "device_count": jax.device_count(),
                     "xla_flags": os.environ.get("XLA_FLAGS", "")}),
         flush=True)
-  peak = matmul_rate(args.matmul_n, max(args.steps, 5), args.dtype)
+  matmul = Matmul(args.matmul_n, args.dtype)
+  matmul.report(max(args.steps, 5))
   for name, (model_config, shape) in _models(args.dtype, args.remat).items():
     if args.which not in ("all", name):
       continue
     for batch in [int(b) for b in args.batches.split(",") if b] or [shape[0]]:
-      bench_model(name, model_config, (batch,) + shape[1:], args.steps, peak)
+      bench_model(name, model_config, (batch,) + shape[1:], args.steps, matmul)
 
 
 if __name__ == "__main__":
