@@ -93,6 +93,7 @@ class Matmul:
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot).lower(a, b).compile()
     self.call = lambda: dot(a, b)
+    self.alone = float("nan")  # the rate measured by report(), alone
 
   def rate(self, seconds: float) -> float:
     return 2 * self.n**3 / seconds
@@ -100,6 +101,7 @@ class Matmul:
   def report(self, steps: int) -> None:
     """Prints the rate measured alone (later lines have their own, alternated)."""
     seconds, _ = _time(self.call, steps)
+    self.alone = self.rate(seconds)
     print(json.dumps({"bench": "matmul", "dtype": self.dtype, "n": self.n,
                       "ms": round(1e3 * seconds, 3),
                       "gflop_per_s": round(self.rate(seconds) / 1e9, 2)}), flush=True)
@@ -144,7 +146,7 @@ def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: in
   compile_s = time.perf_counter() - start
   seconds, mm_s = _time(lambda: fwd_c(params, x, t), steps, matmul.call)
   _report(common, "forward", seconds, _flops(fwd_c), compile_s, matmul.rate(mm_s),
-          init_s=round(init_s, 2))
+          matmul.alone, init_s=round(init_s, 2))
 
   tx = optax.adam(2e-4)
   opt_state = tx.init(params)
@@ -155,17 +157,22 @@ def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: in
   compile_s = time.perf_counter() - start
   # Not donating: the same params are fed each call so every call does equal work.
   seconds, mm_s = _time(lambda: step_c(params, opt_state, x, key), steps, matmul.call)
-  _report(common, "train_step", seconds, _flops(step_c), compile_s, matmul.rate(mm_s))
+  _report(common, "train_step", seconds, _flops(step_c), compile_s, matmul.rate(mm_s),
+          matmul.alone)
 
 
 def _report(common: dict, phase: str, seconds: float, flops: float, compile_s: float,
-            peak: float, **extra) -> None:
+            peak: float, alone: float, **extra) -> None:
   rate = flops / seconds
   print(json.dumps({**common, "phase": phase, "ms": round(1e3 * seconds, 2),
                     "images_per_s": round(common["batch"] / seconds, 2),
                     "gflop": round(flops / 1e9, 3), "gflop_per_s": round(rate / 1e9, 2),
                     "matmul_gflop_per_s": round(peak / 1e9, 2),
                     "matmul_fraction": round(rate / peak, 3),
+                    # Against the rate measured alone at the start: after a large
+                    # step the alternated matmul can run slower (buffers freed
+                    # meanwhile?), so both are shown.
+                    "matmul_fraction_vs_alone": round(rate / alone, 3),
                     "compile_s": round(compile_s, 2), **extra, **_peak_mem_gib()}),
         flush=True)
 
