@@ -2,8 +2,8 @@
 
 XLA reads XLA_FLAGS once per process, when JAX first uses a backend, so
 `apply_defaults()` must run before the first computation: `main.py` calls it
-first thing, the tests' conftest and the benchmarks at import. A flag the user
-already put in XLA_FLAGS is left as the user set it.
+first thing, the tests' conftest at import, each benchmark at the start of its
+main(). A flag the user already put in XLA_FLAGS is left as the user set it.
 """
 import os
 
