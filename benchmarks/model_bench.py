@@ -16,6 +16,10 @@ train step does not donate its inputs, so it holds two copies of params and Adam
   python benchmarks/model_bench.py                 # both models
   python benchmarks/model_bench.py --which=tiny --steps=20
   python benchmarks/model_bench.py --which=cifar10 --dtype=bfloat16 --batches=128,512
+
+With `--batches` in increasing order, a batch that runs out of device memory prints
+an "out_of_memory" line and ends that model's list (benchmarks/gpu_run.sh uses this
+to find the largest batch that fits).
 """
 import argparse
 import json
@@ -199,7 +203,15 @@ def main() -> None:
     if args.which not in ("all", name):
       continue
     for batch in [int(b) for b in args.batches.split(",") if b] or [shape[0]]:
-      bench_model(name, model_config, (batch,) + shape[1:], args.steps, matmul)
+      try:
+        bench_model(name, model_config, (batch,) + shape[1:], args.steps, matmul)
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        # List batches in increasing order: the last line before this is the largest that fits.
+        print(json.dumps({"bench": "out_of_memory", "model": name, "batch": batch,
+                          "dtype": model_config["dtype"]}), flush=True)
+        break
 
 
 if __name__ == "__main__":

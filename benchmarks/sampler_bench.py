@@ -53,9 +53,12 @@ def main():
   parser.add_argument("--batch_sizes", default="64,256")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--methods", default="ancestral,ddim,dpm_solver++")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="the network's compute dtype (parameters stay float32)")
   args = parser.parse_args()
   xla_flags.apply_defaults()  # before the first computation
   config = (digits if args.which == "digits" else cifar10).get_config()
+  config.model.dtype = args.dtype
   mesh = parallel.make_mesh()
   wanted = args.methods.split(",")
   for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -73,8 +76,8 @@ def main():
         times.append(time.perf_counter() - start)
       sec = statistics.median(times)
       print(json.dumps(dict(
-          bench="sampler", model=args.which, method=method, network_evals=steps,
-          batch=batch, devices=mesh.devices.size, backend=jax.default_backend(),
+          bench="sampler", model=args.which, dtype=args.dtype, method=method,
+          network_evals=steps, batch=batch, devices=mesh.devices.size, backend=jax.default_backend(),
           compile_s=round(compile_s, 2), seconds=round(sec, 3),
           images_per_s=round(batch / sec, 2))), flush=True)
 
