@@ -29,11 +29,10 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cascade as cascade_config
 from configs import from_workdir
-from diffusion_jax import cascade, sample
+from diffusion_jax import cascade, sample, xla_flags
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import shapes_checker
 from diffusion_jax.text import conditioner
-from diffusion_jax import xla_flags
 
 
 def test_captions(per_subset: int) -> tuple[list[str], np.ndarray]:

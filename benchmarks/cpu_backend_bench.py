@@ -27,7 +27,6 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import model_bench
-from diffusion_jax.models import create_model
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
 # name -> per-compile XLA options, in the enum spelling compile() accepts (in
@@ -63,10 +62,7 @@ def _interleaved(calls: dict, rounds: int, per_round: int) -> dict[str, float]:
 def _functions(which: str):
   """(name, fn, args) for the model's forward pass and train step."""
   model_config, shape = model_bench._models("float32", False)[which]  # pylint: disable=protected-access
-  model = create_model(model_config, out_channels=shape[-1])
-  x = jax.random.uniform(jax.random.key(0), shape, minval=-1.0, maxval=1.0)
-  t = jnp.arange(shape[0], dtype=jnp.int32) * 100
-  params = jax.jit(lambda k: model.init(k, x, t, train=False))(jax.random.key(0))["params"]
+  model, x, t, params = model_bench.setup(model_config, shape)
   tx = optax.adam(2e-4)
   step = model_bench._train_step_fn(model, tx)  # pylint: disable=protected-access
   fwd = lambda p, x, t: model.apply({"params": p}, x, t, train=False)

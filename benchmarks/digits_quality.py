@@ -20,9 +20,8 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, sample
+from diffusion_jax import checkpointing, sample, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
-from diffusion_jax import xla_flags
 
 DEFAULT_SETTINGS = ("ancestral:1000,ddim:10,ddim:20,ddim:50,"
                     "dpm_solver++:10,dpm_solver++:20,dpm_solver++:50")

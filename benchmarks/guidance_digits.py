@@ -20,8 +20,7 @@ import time
 
 import numpy as np
 
-from diffusion_jax import checkpointing, guidance, sample
-from diffusion_jax import xla_flags
+from diffusion_jax import checkpointing, guidance, sample, xla_flags
 
 
 def _score(images: np.ndarray, labels: np.ndarray, data_dir: str) -> dict:

@@ -130,15 +130,20 @@ def _train_step_fn(model, tx):
   return step
 
 
-def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: int,
-                matmul: Matmul) -> None:
-  """Prints the forward and train-step lines for one model."""
+def setup(model_config: dict, shape: tuple[int, ...]):
+  """(model, x [B, H, W, C] in [-1, 1], t [B], params) for one model and batch."""
   model = create_model(model_config, out_channels=shape[-1])
   x = jax.random.uniform(jax.random.key(0), shape, minval=-1.0, maxval=1.0)
   t = jnp.arange(shape[0], dtype=jnp.int32) * 100
-  start = time.perf_counter()
   params = jax.jit(lambda k: model.init(k, x, t, train=False))(jax.random.key(0))["params"]
-  jax.block_until_ready(params)
+  return model, x, t, jax.block_until_ready(params)
+
+
+def bench_model(name: str, model_config: dict, shape: tuple[int, ...], steps: int,
+                matmul: Matmul) -> None:
+  """Prints the forward and train-step lines for one model."""
+  start = time.perf_counter()
+  model, x, t, params = setup(model_config, shape)
   init_s = time.perf_counter() - start
   n_params = sum(p.size for p in jax.tree.leaves(params))
   common = {"model": name, "batch": shape[0], "image": list(shape[1:]), "params": n_params,

@@ -22,8 +22,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import models, optim, parallel, sample, train
-from diffusion_jax import xla_flags
+from diffusion_jax import models, optim, parallel, sample, train, xla_flags
 
 
 def _setup(config_path: str):

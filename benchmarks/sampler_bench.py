@@ -22,8 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cifar10, digits
-from diffusion_jax import models, parallel, samplers, schedules
-from diffusion_jax import xla_flags
+from diffusion_jax import models, parallel, samplers, schedules, xla_flags
 
 METHODS = (("ancestral", 1000), ("ddim", 50), ("dpm_solver++", 20))
 
@@ -77,7 +76,8 @@ def main():
       sec = statistics.median(times)
       print(json.dumps(dict(
           bench="sampler", model=args.which, dtype=args.dtype, method=method,
-          network_evals=steps, batch=batch, devices=mesh.devices.size, backend=jax.default_backend(),
+          network_evals=steps, batch=batch, devices=mesh.devices.size,
+          backend=jax.default_backend(),
           compile_s=round(compile_s, 2), seconds=round(sec, 3),
           images_per_s=round(batch / sec, 2))), flush=True)
 

@@ -24,9 +24,8 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import from_workdir
 from diffusion_jax import input_pipeline, metrics, sample
-from diffusion_jax import superres
+from diffusion_jax import superres, xla_flags
 from diffusion_jax.evaluation import image_metrics
-from diffusion_jax import xla_flags
 
 
 def test_pairs(config, num_images: int) -> tuple[np.ndarray, np.ndarray]:

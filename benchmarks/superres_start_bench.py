@@ -27,9 +27,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import superres_bench
 from configs import from_workdir
-from diffusion_jax import conditioning, diffusion, metrics, sample, samplers
+from diffusion_jax import conditioning, diffusion, metrics, sample, samplers, xla_flags
 from diffusion_jax.evaluation import image_metrics
-from diffusion_jax import xla_flags
 
 
 def ddim_from(denoise, schedule, prediction, x0_true, t_start, num_steps, clip, rng):
