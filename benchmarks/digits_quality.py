@@ -15,11 +15,14 @@ precision/recall. Sampling does not write into the workdir.
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusion_jax import checkpointing, sample, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
 

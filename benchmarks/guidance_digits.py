@@ -16,10 +16,14 @@ Prints one JSON line per scale.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusion_jax import checkpointing, guidance, sample, xla_flags
 
 
