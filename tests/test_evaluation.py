@@ -1,7 +1,10 @@
 """Evaluation maths and the FID Inception: checked against independent references."""
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 
 from diffusion_jax.evaluation import inception, npz_io, precision_recall, stats
 
@@ -56,6 +59,132 @@ def test_inception_score_uniform_is_one_and_confident_spread_is_num_classes():
   assert mean == pytest.approx(10.0, rel=1e-9) and std < 1e-9
   # All samples confidently the same class: no diversity, score 1.
   assert stats.inception_score(1e3 * np.eye(10)[np.zeros(100, int)])[0] == pytest.approx(1.0)
+
+
+def _ref_inception_score(logits, slices):
+  """float64 from the definition: per part, exp(mean_x KL(p(y|x) || p(y))) with p(y)
+  the part's own marginal; then mean and (population) std over the parts."""
+  z = np.asarray(logits, np.float64)
+  p = np.exp(z - z.max(axis=1, keepdims=True))
+  p /= p.sum(axis=1, keepdims=True)
+  scores = []
+  for lo, hi in slices:
+    part = p[lo:hi]
+    marginal = part.sum(axis=0) / len(part)
+    kl = [sum(q[c] * math.log(q[c] / marginal[c]) for c in range(len(q))) for q in part]
+    scores.append(math.exp(sum(kl) / len(kl)))
+  mean = sum(scores) / len(scores)
+  return mean, math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+
+
+def test_inception_score_matches_definition_on_unbalanced_unequal_splits():
+  """Reference: _ref_inception_score with the documented slices
+  [i N / splits, (i + 1) N / splits) (N = 23, 5 splits: sizes 4, 5, 4, 5, 5)."""
+  rng = np.random.default_rng(3)
+  n, c, splits = 23, 6, 5
+  logits = 2.0 * rng.normal(size=(n, c))
+  logits[:9, 0] += 3.0  # the first parts lean to class 0, the last ones to class 4
+  logits[13:, 4] += 2.5
+  logits += np.linspace(0, 1, c)  # an unbalanced prior over classes
+  slices = [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+  assert [hi - lo for lo, hi in slices] == [4, 5, 4, 5, 5]
+  mean, std = stats.inception_score(logits, splits=splits)
+  ref_mean, ref_std = _ref_inception_score(logits, slices)
+  assert mean == pytest.approx(ref_mean, rel=1e-10)
+  assert std == pytest.approx(ref_std, rel=1e-10)
+  # The data tell plausible mistakes apart: the marginal of all the data instead of
+  # each part's, numpy's array_split slicing (sizes 5, 5, 5, 4, 4), ddof = 1.
+  whole = _ref_inception_score(logits, [(0, n)])[0]
+  all_marginal = []
+  for lo, hi in slices:
+    p = np.exp(logits - scipy.special.logsumexp(logits, axis=1, keepdims=True))
+    kl = np.sum(p[lo:hi] * (np.log(p[lo:hi]) - np.log(p.mean(axis=0))), axis=1)
+    all_marginal.append(np.exp(kl.mean()))
+  bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(n), splits)])
+  array_split = _ref_inception_score(logits, list(zip(bounds[:-1], bounds[1:])))
+  for wrong in (np.mean(all_marginal), array_split[0], whole):
+    assert abs(wrong - ref_mean) > 1e-3 * ref_mean
+  assert abs(array_split[1] - ref_std) > 1e-3 * ref_std
+  assert abs(np.std(all_marginal) - ref_std) > 1e-3 * ref_std
+  ddof1 = ref_std * math.sqrt(splits / (splits - 1))
+  assert abs(ddof1 - std) > 1e-2 * std
+
+
+def test_feature_statistics_against_explicit_sums():
+  """Reference: mu = sum x / N and S = sum (x - mu)(x - mu)^T / (N - 1), as loops."""
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(7, 3)) * [1.0, 3.0, 0.2] + [5.0, -2.0, 0.5]).astype(np.float32)
+  got = stats.feature_statistics(x)
+  xs = x.astype(np.float64)
+  mu = sum(xs[i] for i in range(7)) / 7
+  sigma = sum(np.outer(xs[i] - mu, xs[i] - mu) for i in range(7)) / (7 - 1)
+  assert got.num_examples == 7 and got.mu.dtype == np.float64 and got.sigma.dtype == np.float64
+  np.testing.assert_allclose(got.mu, mu, rtol=1e-12)
+  np.testing.assert_allclose(got.sigma, sigma, rtol=1e-12, atol=1e-14)
+  assert not np.allclose(got.sigma, sigma * 6 / 7, rtol=1e-3)  # not the biased N form
+
+
+class _SqrtmRecorder:
+  """Wraps scipy.linalg.sqrtm: records each argument, and returns NaNs from the
+  first `fail` calls, as scipy versions whose Schur algorithm divides by zero on a
+  singular product do (scipy 1.17 returns finite roots of PSD products)."""
+
+  def __init__(self, fail):
+    self.fail, self.args = fail, []
+
+  def __call__(self, a):
+    self.args.append(np.array(a))
+    if len(self.args) <= self.fail:
+      return np.full(a.shape, np.nan)
+    return scipy.linalg.sqrtm(a)
+
+
+def _patch_sqrtm(monkeypatch, recorder):
+  import types  # pylint: disable=g-import-not-at-top
+  fake = types.SimpleNamespace(linalg=types.SimpleNamespace(sqrtm=recorder),
+                               special=scipy.special)
+  monkeypatch.setattr(stats, "scipy", fake)
+
+
+def _commuting(l1, l2, seed=0):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(l1), len(l1))))
+  s1, s2 = q @ np.diag(l1) @ q.T, q @ np.diag(l2) @ q.T
+  return (s1 + s1.T) / 2, (s2 + s2.T) / 2
+
+
+def test_frechet_distance_ridge_fallback_closed_form(monkeypatch):
+  """Reference: for commuting S1 = Q diag(l1) Q^T, S2 = Q diag(l2) Q^T,
+  Tr((S1 S2)^1/2) = sum sqrt(l1 l2); with the ridge eps on both diagonals it is
+  sum sqrt((l1 + eps)(l2 + eps)) (the traces of S1, S2 themselves stay un-ridged)."""
+  l1 = np.array([4.0, 1.5, 0.0, 0.0, 0.3])  # rank-deficient, and the product more so
+  l2 = np.array([1.0, 0.0, 2.0, 0.0, 0.7])
+  s1, s2 = _commuting(l1, l2)
+  mu1, mu2 = np.array([0.1, -0.3, 0.0, 1.0, 0.2]), np.zeros(5)
+  dmu = float(np.sum((mu1 - mu2) ** 2))
+  exact = dmu + l1.sum() + l2.sum() - 2 * np.sum(np.sqrt(l1 * l2))
+  # Without a failing root, no ridge: the exact closed form.
+  rec = _SqrtmRecorder(fail=0)
+  _patch_sqrtm(monkeypatch, rec)
+  assert stats.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-7)
+  assert len(rec.args) == 1
+  # A non-finite root: the fallback adds eps to both diagonals and retries once.
+  for eps in (1e-6, 1e-2):
+    rec = _SqrtmRecorder(fail=1)
+    _patch_sqrtm(monkeypatch, rec)
+    got = stats.frechet_distance(mu1, s1, mu2, s2, eps=eps)
+    assert len(rec.args) == 2  # the fallback was taken
+    np.testing.assert_allclose(rec.args[1], (s1 + eps * np.eye(5)) @ (s2 + eps * np.eye(5)),
+                               rtol=1e-12, atol=1e-15)
+    ridged = dmu + l1.sum() + l2.sum() - 2 * np.sum(np.sqrt((l1 + eps) * (l2 + eps)))
+    assert got == pytest.approx(ridged, rel=1e-7, abs=1e-9)
+    # sqrt(eps * l) terms make the ridge visible: 2 sqrt(eps) (sqrt 1.5 + sqrt 2) at least.
+    assert abs(ridged - exact) > 2 * math.sqrt(eps)
+  # Diagonal singular covariances, fallback forced: the same closed form.
+  rec = _SqrtmRecorder(fail=1)
+  _patch_sqrtm(monkeypatch, rec)
+  got = stats.frechet_distance(mu1, np.diag(l1), mu2, np.diag(l2), eps=1e-4)
+  ridged = dmu + l1.sum() + l2.sum() - 2 * np.sum(np.sqrt((l1 + 1e-4) * (l2 + 1e-4)))
+  assert len(rec.args) == 2 and got == pytest.approx(ridged, rel=1e-9)
 
 
 def test_precision_recall_on_constructed_sets():

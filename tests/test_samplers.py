@@ -1,4 +1,6 @@
 """Samplers against analytic oracles and independent step-by-step references."""
+import fractions
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,73 @@ def test_spaced_timesteps():
   assert ts[0] == 0 and ts[-1] == 999 and len(set(ts)) == 10
   with pytest.raises(ValueError, match="num_steps"):
     samplers.spaced_timesteps(100, 101)
+
+
+@pytest.mark.parametrize("T,n", [(1000, 50), (1000, 7), (1000, 333), (100, 7), (10, 4),
+                                 (6, 3), (997, 13), (50, 49)])
+def test_spaced_timesteps_interior_values(T, n):
+  """References: improved-diffusion's space_timesteps (Python round of a running
+  float sum of the stride (T - 1) / (n - 1)), diffusers' "linspace" spacing
+  (np.linspace(0, T - 1, n).round()), and the exact rational k (T - 1) / (n - 1)
+  rounded half to even; all three agree on these (T, n)."""
+  got = samplers.spaced_timesteps(T, n)
+  exact = [round(fractions.Fraction(k * (T - 1), n - 1)) for k in range(n)]
+  improved, cur = [], 0.0
+  for _ in range(n):
+    improved.append(round(cur))
+    cur += (T - 1) / (n - 1)
+  diffusers = np.linspace(0, T - 1, n).round().astype(int)
+  np.testing.assert_array_equal(got, exact)
+  np.testing.assert_array_equal(got, improved)
+  np.testing.assert_array_equal(got, diffusers)
+  assert got.dtype == np.int32
+
+
+def test_spaced_timesteps_known_values():
+  """50 of 1000: diffusers' "linspace" timesteps 999, 979, 958, 938, ..., 41, 20, 0;
+  3 of 6 rounds the half-way 2.5 to even, as Python's round does."""
+  ts = samplers.spaced_timesteps(1000, 50)
+  np.testing.assert_array_equal(ts[::-1][:4], [999, 979, 958, 938])
+  np.testing.assert_array_equal(ts[:3], [0, 20, 41])
+  np.testing.assert_array_equal(samplers.spaced_timesteps(6, 3), [0, 2, 5])
+  np.testing.assert_array_equal(samplers.spaced_timesteps(10, 4), [0, 3, 6, 9])
+  np.testing.assert_array_equal(samplers.spaced_timesteps(11, 4), [0, 3, 7, 10])
+
+
+def _ref_log_snr_timesteps(abar, n):
+  """float64: lambda = log(abar / (1 - abar)) / 2, targets uniform from lambda(0) to
+  lambda(T-1), each mapped to its nearest timestep; then the documented repair:
+  each index at least one above the previous one, and at most T - n + k."""
+  T = len(abar)
+  lam = 0.5 * np.log(abar / (1 - abar))
+  targets = np.linspace(lam[0], lam[-1], n)
+  dist = np.abs(lam[None, :] - targets[:, None])
+  nearest = dist.argmin(axis=1)
+  d = np.sort(dist, axis=1)
+  margin = float(np.min(d[:, 1] - d[:, 0]))  # how far from a tie
+  out = []
+  for k in range(n):
+    idx = nearest[k] if not out else max(nearest[k], out[-1] + 1)
+    out.append(min(idx, T - n + k))
+  return np.array(out), nearest, margin
+
+
+@pytest.mark.parametrize("name,T,n", [("linear", 1000, 25), ("cosine", 1000, 10),
+                                      ("cosine", 50, 40), ("quad", 1000, 100)])
+def test_log_snr_timesteps_nearest_to_a_uniform_lambda_grid(name, T, n):
+  """Reference: _ref_log_snr_timesteps on the schedule's alpha-bar in float64. The
+  first case has no collisions, so every index is the nearest one itself; the others
+  push indices up (all three) and cap them (both cosine ones)."""
+  sched = schedules.make_schedule(name, T)
+  abar = np.asarray(sched.alphas_cumprod, np.float64)
+  ref, nearest, margin = _ref_log_snr_timesteps(abar, n)
+  assert margin > 1e-5  # no near-ties that float32 could resolve differently
+  got = np.asarray(samplers.log_snr_timesteps(sched, n))
+  np.testing.assert_array_equal(got, ref)
+  if name == "linear":
+    np.testing.assert_array_equal(got, nearest)
+    # Far from trivially so: a uniform grid in t would differ.
+    assert np.sum(got != samplers.spaced_timesteps(T, n)) >= n // 3
 
 
 def test_ddim_matches_numpy_reference():

@@ -80,6 +80,83 @@ def test_upsample_nearest_repeats_pixels():
     superres.upsample(x, 8, "lanczos")
 
 
+def _keys_cubic(x, a=-0.5):
+  x = np.abs(x)
+  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, ((x - 5) * x + 8) * x * a - 4 * a, 0.0))
+
+
+def _ref_weights(n_in, n_out, kernel):
+  """[n_out, n_in] float64: output pixel j samples the input at the half-pixel-centre
+  coordinate s = (j + 1/2) n_in / n_out - 1/2, weighting input pixel i by
+  kernel(s - i); taps outside [0, n_in) are dropped and the rest renormalised (the
+  edge convention of PIL and of jax.image.resize)."""
+  s = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+  w = kernel(s[:, None] - np.arange(n_in)[None, :])
+  return w / w.sum(axis=1, keepdims=True)
+
+
+def _ref_resize(x, size, kernel):
+  x = np.asarray(x, np.float64)
+  wh, ww = _ref_weights(x.shape[1], size, kernel), _ref_weights(x.shape[2], size, kernel)
+  return np.einsum("yh,bhwc,xw->byxc", wh, x, ww)
+
+
+_TRIANGLE = lambda d: np.maximum(0.0, 1.0 - np.abs(d))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+def test_upsample_matches_float64_and_pil_interpolation(method):
+  """References: a float64 numpy separable resize (triangle kernel for bilinear,
+  Keys' cubic with a = -0.5 for bicubic, half-pixel centres), and PIL's own float
+  ("F" mode) BILINEAR / BICUBIC resize, per channel."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 5, 7, 2)).astype(np.float32)  # non-square, non-integer factors
+  kernel = _TRIANGLE if method == "bilinear" else _keys_cubic
+  for size in (12, 10):
+    got = np.asarray(superres.upsample(jnp.asarray(x), size, method))
+    assert got.shape == (2, size, size, 2) and got.dtype == np.float32
+    ref = _ref_resize(x, size, kernel)
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    pil_method = Image.BILINEAR if method == "bilinear" else Image.BICUBIC
+    pil = np.stack([np.stack([np.asarray(Image.fromarray(x[b, :, :, c], mode="F").resize(
+        (size, size), pil_method)) for c in range(2)], axis=-1) for b in range(2)])
+    np.testing.assert_allclose(got, pil, atol=2e-6)
+    # The alternatives are far off on these data: nearest, grids without half-pixel
+    # centres (s = j n_in / n_out, and align-corners s = j (n_in - 1) / (n_out - 1)),
+    # and for bicubic the replicated-edge convention (different near the borders).
+    nearest = np.asarray(superres.upsample(jnp.asarray(x), size, "nearest"))
+    assert np.abs(nearest - ref).max() > 0.1
+    for grid in (lambda j, n_in, n_out: j * n_in / n_out,
+                 lambda j, n_in, n_out: j * (n_in - 1) / (n_out - 1)):
+      def weights(n_in, n_out, grid=grid):
+        s = grid(np.arange(n_out), n_in, n_out)
+        w = kernel(s[:, None] - np.arange(n_in)[None, :])
+        return w / w.sum(axis=1, keepdims=True)
+      other = np.einsum("yh,bhwc,xw->byxc", weights(5, size), x.astype(np.float64),
+                        weights(7, size))
+      assert np.abs(other - ref).max() > 0.1
+  if method == "bicubic":
+    s = (np.arange(12) + 0.5) * 5 / 12 - 0.5
+    taps = np.floor(s)[:, None] + np.arange(-1, 3)[None, :]
+    rep = np.zeros((12, 5))
+    for j in range(12):
+      for t in taps[j]:
+        rep[j, int(np.clip(t, 0, 4))] += _keys_cubic(s[j] - t)
+    assert np.abs(rep - _ref_weights(5, 12, _keys_cubic)).max() > 1e-3
+
+
+def test_upsample_default_is_bilinear_and_keeps_constants():
+  """The default method is bilinear; every method keeps a constant image constant."""
+  x = np.random.default_rng(1).uniform(-1, 1, (1, 4, 4, 1)).astype(np.float32)
+  np.testing.assert_array_equal(superres.upsample(x, 8), superres.upsample(x, 8, "bilinear"))
+  np.testing.assert_allclose(superres.upsample(x, 8), _ref_resize(x, 8, _TRIANGLE), atol=2e-6)
+  for method in superres.UPSAMPLE_METHODS:
+    np.testing.assert_allclose(superres.upsample(np.full((1, 3, 3, 1), 0.7), 9, method), 0.7,
+                               rtol=1e-6)
+
+
 # ---- Model input, data pairs, config -----------------------------------------------
 
 
