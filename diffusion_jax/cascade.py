@@ -142,6 +142,9 @@ def side_by_side(outputs: list[np.ndarray], max_rows: int = 16) -> np.ndarray:
 def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Samples every stage in turn; returns the .npz paths (process 0; else [])."""
   c = config.cascade
+  if c.num_samples <= 0 or c.batch_size <= 0:
+    raise ValueError(f"cascade.num_samples and cascade.batch_size must be > 0, got "
+                     f"{c.num_samples} and {c.batch_size}.")
   stage_configs = stages(config)
   check_chain(stage_configs)
   labels = cascade_labels(config, stage_configs)

@@ -5,6 +5,8 @@ this catches bad values with a message that says how to fix them.
 """
 from __future__ import annotations
 
+import warnings
+
 import ml_collections
 
 from diffusion_jax import diffusion, guidance, optim, samplers, schedules
@@ -21,31 +23,27 @@ def _one_of(name: str, value, valid) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError("Bad config: ...") for the first bad value found."""
-  d, m, df, o, t, s = (config.data, config.model, config.diffusion, config.optim,
-                       config.training, config.sample)
+  d, m, df, o, t = config.data, config.model, config.diffusion, config.optim, config.training
   _one_of("data.channels", d.channels, (1, 3))
   _require(d.image_size > 0, f"data.image_size must be > 0, got {d.image_size}.")
   _one_of("diffusion.schedule", df.schedule, schedules.SCHEDULE_NAMES)
   _require(df.num_timesteps >= 2, f"diffusion.num_timesteps must be >= 2, got {df.num_timesteps}.")
   _one_of("diffusion.prediction", df.prediction, diffusion.PREDICTIONS)
   _one_of("diffusion.weighting", df.weighting, diffusion.WEIGHTINGS)
-  _one_of("optim.optimizer", o.optimizer, optim.OPTIMIZERS)
-  _one_of("optim.lr_schedule", o.lr_schedule, optim.LR_SCHEDULES)
-  _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}.")
+  _require(df.weighting != "min_snr" or df.min_snr_gamma > 0,
+           f"diffusion.weighting='min_snr' needs diffusion.min_snr_gamma > 0, got "
+           f"{df.min_snr_gamma}.")
   for name in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
                "keep_checkpoints"):
     _require(t[name] > 0, f"training.{name} must be > 0, got {t[name]}.")
   _require(t.sample_every_steps >= 0, "training.sample_every_steps must be >= 0 (0 disables).")
-  _one_of("sample.method", s.method, samplers.METHODS)
-  _one_of("sample.variance", s.variance, diffusion.VARIANCES)
-  _require(0 <= s.num_steps <= df.num_timesteps,
-           f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
-           f"{df.num_timesteps}] (0 means all).")
-  _require(s.method != "dpm_solver++" or s.num_steps >= 2,
-           "sample.method=dpm_solver++ needs sample.num_steps >= 2.")
-  _require(s.num_samples > 0 and s.batch_size > 0,
-           "sample.num_samples and sample.batch_size must be > 0.")
+  _require(not t.sample_every_steps or t.num_grid_samples > 0,
+           f"training.num_grid_samples must be > 0 when training grids are on (training."
+           f"sample_every_steps={t.sample_every_steps}), got {t.num_grid_samples}.")
+  _validate_optim(o)
+  validate_sample(config)
   _require(m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}.")
+  _validate_attention(config)
   pa = config.parallel
   _require(pa.fsdp_axis_size >= 1, f"parallel.fsdp_axis_size must be >= 1, got "
            f"{pa.fsdp_axis_size}.")
@@ -56,6 +54,70 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{pa.fsdp_min_size}.")
   _validate_conditioning(config)
   _validate_superres(config)
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  """The optimiser: known names, a positive rate, Adam's betas below 1."""
+  _one_of("optim.optimizer", o.optimizer, optim.OPTIMIZERS)
+  _one_of("optim.lr_schedule", o.lr_schedule, optim.LR_SCHEDULES)
+  _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}.")
+  _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}.")
+  _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
+  _require(o.grad_clip_norm >= 0, f"optim.grad_clip_norm must be >= 0 (0 disables), got "
+           f"{o.grad_clip_norm}.")
+  for name in ("b1", "b2"):
+    _require(0.0 <= o[name] < 1.0, f"optim.{name} must be in [0, 1) (Adam's bias correction "
+             f"divides by 1 - {name}^t), got {o[name]}.")
+  _require(o.eps > 0 and o.weight_decay >= 0, f"optim.eps must be > 0 and optim.weight_decay "
+           f">= 0, got {o.eps} and {o.weight_decay}.")
+
+
+def _validate_attention(config: ml_collections.ConfigDict) -> None:
+  """Warns about attention sizes the U-Net lacks: they silently add no attention.
+
+  A warning, not an error: the middle block has attention whatever they say, and
+  one config serves several image sizes (configs/test.py's (4,) at 32 px).
+  """
+  d, m = config.data, config.model
+  if m.patch_size < 1 or not m.ch_mult:
+    return  # the model's own checks say what is wrong
+  sizes = [d.image_size // m.patch_size // 2**i for i in range(len(m.ch_mult))]
+  names = ("attn_resolutions",) + (("cross_attn_resolutions",) if m.get("cross_attn_dim", 0)
+                                   else ())
+  for name in names:
+    bad = [r for r in m.get(name, ()) if r not in sizes]
+    if bad:
+      warnings.warn(f"model.{name}={tuple(m[name])} names feature-map size(s) {bad} the "
+                    f"U-Net does not have, so they add no attention; its sizes are {sizes} "
+                    "(data.image_size / model.patch_size / 2^level).", UserWarning,
+                    stacklevel=3)
+
+
+def validate_sample(config: ml_collections.ConfigDict) -> None:
+  """The `sample` section alone: what sample and eval modes check before any work.
+
+  Configs saved by older versions may lack some fields; those are not checked.
+  """
+  s, steps = config.sample, config.diffusion.num_timesteps
+  _one_of("sample.method", s.method, samplers.METHODS)
+  _one_of("sample.variance", s.variance, diffusion.VARIANCES)
+  _require(0 <= s.num_steps <= steps,
+           f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
+           f"{steps}] (0 means all).")
+  _require(s.method != "dpm_solver++" or s.num_steps >= 2,
+           "sample.method=dpm_solver++ needs sample.num_steps >= 2.")
+  _require(s.num_samples > 0 and s.batch_size > 0,
+           "sample.num_samples and sample.batch_size must be > 0.")
+  eta, step = s.get("eta", 0.0), s.get("checkpoint_step", -1)
+  _require(eta >= 0.0, f"sample.eta must be >= 0 (0 is deterministic DDIM), got {eta}.")
+  _require(step >= -1, f"sample.checkpoint_step must be a step or -1 (the latest), got {step}.")
+  if "thresholding" in s:
+    _one_of("sample.thresholding", s.thresholding, samplers.THRESHOLDINGS)
+  percentile = s.get("dynamic_threshold_percentile", 99.5)
+  _require(0.0 < percentile <= 100.0,
+           f"sample.dynamic_threshold_percentile must be in (0, 100], got {percentile}.")
+  scale = s.get("guidance_scale", 1.0)
+  _require(scale >= 0.0, f"sample.guidance_scale must be >= 0, got {scale}.")
 
 
 def _validate_superres(config: ml_collections.ConfigDict) -> None:
@@ -124,11 +186,6 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
   else:
     _require(m.num_classes == 0, f"model.num_classes={m.num_classes} builds a class-conditional "
              "model: set conditioning.type='class' (or model.num_classes=0).")
-  _one_of("sample.thresholding", s.thresholding, samplers.THRESHOLDINGS)
-  _require(0.0 < s.dynamic_threshold_percentile <= 100.0,
-           "sample.dynamic_threshold_percentile must be in (0, 100], got "
-           f"{s.dynamic_threshold_percentile}.")
-  _require(s.guidance_scale >= 0.0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}.")
   _require(s.guidance_scale == 1.0 or (c.type != "none" and c.p_uncond > 0.0),
            f"sample.guidance_scale={s.guidance_scale} needs a class- or text-conditional model "
            "trained with conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise.")

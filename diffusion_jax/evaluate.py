@@ -34,8 +34,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import (checkpointing, conditioning, input_pipeline, likelihood, parallel,
-                           sample)
+from diffusion_jax import (checkpointing, conditioning, config_lib, input_pipeline, likelihood,
+                           parallel, sample)
 from diffusion_jax.evaluation import npz_io, stats
 
 METRICS = ("digits_fd", "fid", "is", "pr", "bpd")
@@ -69,8 +69,14 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> None:
   unknown = [m for m in ev.metrics if m not in METRICS]
   if unknown:
     raise ValueError(f"Unknown eval metric(s) {unknown}; valid: {', '.join(METRICS)}.")
+  if not ev.metrics:
+    raise ValueError(f"config.eval.metrics is empty: nothing to compute; name some of "
+                     f"{', '.join(METRICS)}.")
   if ev.num_samples < 2 or ev.batch_size < 1:
     raise ValueError("config.eval.num_samples must be >= 2 and eval.batch_size >= 1.")
+  if ev.bpd_max_examples < 0 or ev.reference_max_examples < 0 or ev.pr_num_real < 0:
+    raise ValueError("config.eval.bpd_max_examples, reference_max_examples and pr_num_real "
+                     "must be >= 0 (0: no cap / keep none).")
   if ev.inception_weights and not os.path.exists(ev.inception_weights):
     raise FileNotFoundError(f"config.eval.inception_weights={ev.inception_weights!r} does "
                             "not exist; see diffusion_jax/evaluation/inception.py for where "
@@ -84,6 +90,103 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise checkpointing.CheckpointError(
         f"No checkpoints in {workdir!r} (no {ckpt_dir}): train first, or pass the "
         "--workdir of a training run.")
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(ev.batch_size, mesh, "eval.batch_size")
+  if "bpd" in ev.metrics and not config.model.num_classes:
+    parallel.check_batch_size(ev.bpd_batch_size, mesh, "eval.bpd_batch_size")
+    _check_split(config.data, config.data.eval_split, "config.data.eval_split")
+  _check_inception_request(config, workdir)
+
+
+def _check_split(data_config: ml_collections.ConfigDict, split: str, field: str) -> None:
+  """Raises ValueError naming the config field when the data set lacks `split`."""
+  try:
+    input_pipeline.split_info(data_config, split)
+  except ValueError as e:
+    if "split" not in str(e).lower():
+      raise
+    raise ValueError(f"{field}={split!r}: {e}") from e
+
+
+def _check_inception_request(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """FID/IS/PR settings that would fail only after sampling: checked before it."""
+  ev = config.eval
+  wanted = [m for m in ev.metrics if m in INCEPTION_METRICS]
+  if not wanted or not ev.inception_weights:
+    return  # skipped (and reported so) without weights
+  if "is" in wanted and ev.num_samples < IS_SPLITS:
+    raise ValueError(f"config.eval.num_samples={ev.num_samples} is fewer than the Inception "
+                     f"Score's {IS_SPLITS} splits; draw more samples (IS is usually reported "
+                     "on 50,000) or drop 'is' from config.eval.metrics.")
+  if "pr" in wanted and not 1 <= ev.pr_k < ev.num_samples:
+    raise ValueError(f"config.eval.pr_k={ev.pr_k}: precision/recall needs 1 <= pr_k < "
+                     f"config.eval.num_samples={ev.num_samples} (each sample's k-th nearest "
+                     "neighbour among the others).")
+  if "fid" not in wanted and "pr" not in wanted:
+    return
+  path, computed = _reference_path(config, workdir)
+  if computed:
+    if "pr" in wanted and ev.pr_num_real <= ev.pr_k:
+      raise ValueError(f"config.eval.pr_num_real={ev.pr_num_real} must exceed "
+                       f"config.eval.pr_k={ev.pr_k}: it is how many real features the "
+                       "reference keeps for precision/recall.")
+    if ev.reference_max_examples == 1:
+      raise ValueError("config.eval.reference_max_examples=1: a covariance needs >= 2 "
+                       "images (0 reads the whole split).")
+    _check_split(config.data, ev.reference_split, "config.eval.reference_split")
+    return
+  # pylint: disable-next=g-import-not-at-top
+  from diffusion_jax.evaluation import inception
+  ref, meta, feats = stats.load_stats(path)
+  _check_reference_matches(path, ref, meta, inception.file_sha256(ev.inception_weights),
+                           cached=not ev.fid_reference)
+  if "pr" in wanted and feats is not None and len(feats) <= ev.pr_k:
+    raise ValueError(f"Reference statistics {path!r} keep {len(feats)} real features, too "
+                     f"few for precision/recall with config.eval.pr_k={ev.pr_k}; use a file "
+                     "with more, or drop 'pr' from config.eval.metrics.")
+
+
+def _reference_path(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, bool]:
+  """(path of the reference statistics, whether eval mode must compute them)."""
+  # pylint: disable-next=g-import-not-at-top
+  from diffusion_jax.evaluation import reference
+  ev = config.eval
+  if ev.fid_reference:
+    return ev.fid_reference, False
+  path = reference.default_path(workdir, config.data, ev.reference_split,
+                                ev.reference_max_examples)
+  return path, not os.path.exists(path)
+
+
+def _check_reference_matches(path: str, ref: stats.FeatureStats, meta: dict[str, Any],
+                             weights_sha256: str, cached: bool) -> None:
+  """Raises ValueError unless the statistics are of this Inception's pool3 features."""
+  # pylint: disable-next=g-import-not-at-top
+  from diffusion_jax.evaluation import inception
+  fix = (" It is eval mode's cache: delete it to recompute it." if cached else
+         " Set config.eval.fid_reference to statistics of the same network, or to '' to "
+         "compute them.")
+  net = meta.get("feature_network", {})
+  if net.get("name", inception.NETWORK_NAME) != inception.NETWORK_NAME:
+    raise ValueError(f"Reference statistics {path!r} are features of {net['name']!r}, not of "
+                     f"{inception.NETWORK_NAME!r}." + fix)
+  theirs = net.get("weights_sha256")
+  if theirs and theirs != weights_sha256:
+    raise ValueError(f"Reference statistics {path!r} were computed with other Inception "
+                     f"weights (sha256 {theirs[:12]}..., these are {weights_sha256[:12]}...)."
+                     + fix)
+  if ref.mu.shape[0] != inception.POOL3_DIM:
+    raise ValueError(f"Reference statistics {path!r} are {ref.mu.shape[0]}-d, not the "
+                     f"{inception.POOL3_DIM}-d Inception pool3 features." + fix)
+
+
+def _check_sample_request(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The sampler settings, and labels/guidance the checkpoint's model can honour."""
+  config_lib.validate_sample(config)
+  trained = None
+  if os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    trained = checkpointing.load_config(workdir)
+  sample.check_sample_request(config, trained)
 
 
 def report_name(config: ml_collections.ConfigDict, step: int) -> str:
@@ -181,9 +284,8 @@ def _reference(config: ml_collections.ConfigDict, workdir: str, extractor
   # pylint: disable-next=g-import-not-at-top
   from diffusion_jax.evaluation import reference
   ev = config.eval
-  path = ev.fid_reference or reference.default_path(workdir, config.data, ev.reference_split,
-                                                    ev.reference_max_examples)
-  if not ev.fid_reference and not os.path.exists(path):
+  path, computed = _reference_path(config, workdir)
+  if computed:
     # Every process computes the same statistics and uses its own copy (other
     # hosts may not see process 0's file, or not yet).
     ref, feats, meta = reference.compute_reference(
@@ -193,14 +295,8 @@ def _reference(config: ml_collections.ConfigDict, workdir: str, extractor
       stats.save_stats(path, ref, meta, feats)
   else:
     ref, meta, feats = stats.load_stats(path)
-  ours = extractor.describe()["weights_sha256"]
-  theirs = meta.get("feature_network", {}).get("weights_sha256")
-  if theirs and theirs != ours:
-    raise ValueError(f"Reference statistics {path!r} were computed with other Inception "
-                     f"weights (sha256 {theirs[:12]}..., these are {ours[:12]}...).")
-  if ref.mu.shape[0] != 2048:
-    raise ValueError(f"Reference statistics {path!r} are {ref.mu.shape[0]}-d, not the "
-                     "2048-d Inception pool3 features.")
+  _check_reference_matches(path, ref, meta, extractor.describe()["weights_sha256"],
+                           cached=not ev.fid_reference)
   return ref, feats, {"path": os.path.abspath(path), "num_examples": ref.num_examples,
                       "meta": meta}
 
@@ -281,6 +377,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config = with_eval_defaults(config)
   _check(config, workdir)
   checkpointing.check_compatible(workdir, config)
+  _check_sample_request(config, workdir)
   model, params, step, mesh = sample.restore_ema(config, workdir, config.sample.checkpoint_step)
   logging.info("Eval: restored EMA parameters of step %d from %s", step, workdir)
   ev, name = config.eval, report_name(config, step)

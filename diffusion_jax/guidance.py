@@ -145,8 +145,8 @@ def parse_labels(spec, num_classes: int, num_samples: int) -> np.ndarray:
     num_samples: how many labels to return.
 
   Raises:
-    ValueError: for an unparsable spec, an empty list, or a class index
-      outside [0, num_classes - 1].
+    ValueError: for an unparsable spec, an empty list, values that are not
+      integers, or a class index outside [0, num_classes - 1].
   """
   if num_classes <= 0:
     raise ValueError("Labels were asked of an unconditional model (num_classes = 0).")
@@ -161,7 +161,11 @@ def parse_labels(spec, num_classes: int, num_samples: int) -> np.ndarray:
         raise ValueError(f"sample.labels={spec!r}: expected '' or 'all', a class index "
                          "such as '7', or a comma-separated list such as '1,3,5'.") from None
   else:
-    classes = [int(c) for c in np.atleast_1d(np.asarray(spec))]
+    values = np.atleast_1d(np.asarray(spec))
+    if values.dtype.kind not in "iu":
+      raise ValueError(f"Labels must be integer class indices, got {values.tolist()[:5]} "
+                       f"(dtype {values.dtype}).")
+    classes = [int(c) for c in values]
   if not classes:
     raise ValueError(f"sample.labels={spec!r} names no class.")
   bad = [c for c in classes if not 0 <= c < num_classes]

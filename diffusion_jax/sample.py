@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import (checkpointing, conditioning, guidance, metrics, models, parallel,
-                           samplers, schedules)
+from diffusion_jax import (checkpointing, conditioning, config_lib, guidance, metrics, models,
+                           parallel, samplers, schedules)
 from diffusion_jax.sample_io import save_grid, save_samples  # noqa: F401 (re-exported)
 from diffusion_jax.schedules import Schedule
 
@@ -63,9 +63,10 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   `superres.sample_aug_level`. `eta` and `guidance_scale` are runtime values, so changing
   them never recompiles; one compile per (batch size, sampler choice).
 
-  For a class-conditional model, `labels` is int32 [batch_size] (default:
-  classes in turn, 0, 1, ..., K-1, 0, ...), and `guidance_scale` a scalar or a
-  per-sample [batch_size] array (default `config.sample.guidance_scale`).
+  For a class-conditional model, `labels` is int [batch_size], classes in
+  [0, K - 1] or K, the null class, for unconditional samples (default: classes in
+  turn, 0, 1, ..., K-1, 0, ...), and `guidance_scale` a scalar or a per-sample
+  [batch_size] array (default `config.sample.guidance_scale`).
 
   Args:
     model: the Flax module.
@@ -79,8 +80,8 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
       only one pass).
 
   Returns:
-    The sampler; its `guided` attribute says which kind it is, and `jitted`
-    is the underlying jitted function.
+    The sampler; its `guided` attribute says which kind it is, `batch_size`
+    the batch it draws, and `jitted` the underlying jitted function.
   """
   parallel.check_batch_size(batch_size, mesh, "sample batch size")
   s = config.sample
@@ -131,7 +132,7 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
     return jitted(params, rng, eta, labels, scale, _check_low_res(config, batch_size, low_res),
                   text, null_text)
 
-  sample_fn.guided, sample_fn.jitted = guided, jitted
+  sample_fn.guided, sample_fn.jitted, sample_fn.batch_size = guided, jitted, batch_size
   return sample_fn
 
 
@@ -196,13 +197,28 @@ def _call_args(config, batch_size: int, guided: bool, labels, guidance_scale):
     return None, None
   if labels is None:
     labels = np.arange(batch_size) % num_classes
-  labels = np.asarray(labels, np.int32)
-  if labels.shape != (batch_size,):
-    raise ValueError(f"labels must have shape [{batch_size}], got {labels.shape}.")
+  labels = _checked_labels(labels, batch_size, num_classes)
   if not guided and np.any(scale != 1.0):
     raise ValueError("This sampler was built without guidance (guided=False); build it "
                      "with guided=True to use a guidance scale other than 1.")
   return labels, (scale if guided else None)
+
+
+def _checked_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
+  """Class indices as int32 [batch_size]; no silent cast of floats or strings,
+  and nothing outside [0, num_classes] (num_classes is the null class)."""
+  labels = np.asarray(labels)
+  if labels.dtype.kind not in "iu":
+    raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype} "
+                     f"(e.g. {labels.ravel()[:3].tolist()}); pass int labels, e.g. "
+                     "guidance.parse_labels('1,3', num_classes, n).")
+  if labels.shape != (batch_size,):
+    raise ValueError(f"labels must have shape [{batch_size}], got {labels.shape}.")
+  bad = labels[(labels < 0) | (labels > num_classes)]
+  if bad.size:
+    raise ValueError(f"Label {int(bad[0])} is out of range: this model has {num_classes} "
+                     f"classes, 0 to {num_classes - 1} ({num_classes} is the null class).")
+  return labels.astype(np.int32)
 
 
 def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
@@ -269,11 +285,11 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
     text: a text-conditioned model's arrays for each sample, [num_samples, ...]
       (TextConditioner); null_text: the empty caption's, [1, ...].
   """
-  checked = [("labels", labels), ("low_res", low_res)]
-  checked += [(f"text[{k!r}]", v) for k, v in (text or {}).items()]
-  for name, values in checked:
-    if values is not None and len(values) != num_samples:
-      raise ValueError(f"{name} has {len(values)} entries for {num_samples} samples.")
+  per_sample = {"labels": labels, "low_res": low_res,
+                **{f"text[{k!r}]": v for k, v in (text or {}).items()}}
+  if np.ndim(guidance_scale) > 0:
+    per_sample["guidance_scale"] = guidance_scale
+  _check_generate_args(sample_fn, num_samples, batch_size, per_sample)
   out, start, last = [], time.perf_counter(), 0.0
   num_batches = -(-num_samples // batch_size)
   for i in range(num_batches):
@@ -297,6 +313,21 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
       logging.info("sampled %d/%d images, %.1f images/s, ETA %.0fs", done, num_samples,
                    done / elapsed, (num_samples - done) * elapsed / done)
   return np.concatenate(out)[:num_samples]
+
+
+def _check_generate_args(sample_fn: Callable, num_samples: int, batch_size: int,
+                         per_sample: dict) -> None:
+  """generate()'s counts, and one entry per sample in every per-sample input."""
+  if num_samples <= 0 or batch_size <= 0:
+    raise ValueError(f"num_samples and batch_size must be > 0, got {num_samples} and "
+                     f"{batch_size}.")
+  built = getattr(sample_fn, "batch_size", batch_size)
+  if built != batch_size:
+    raise ValueError(f"batch_size={batch_size}, but the sampler was built for batches of "
+                     f"{built} (make_sample_fn's batch_size); pass the same number.")
+  for name, values in per_sample.items():
+    if values is not None and len(values) != num_samples:
+      raise ValueError(f"{name} has {len(values)} entries for {num_samples} samples.")
 
 
 def sample_name(config: ml_collections.ConfigDict, step: int) -> str:
@@ -357,6 +388,10 @@ def sample_captions(config: ml_collections.ConfigDict, num_samples: int) -> list
                        "text-conditioned: it cannot follow captions.")
     return []
   if spec.startswith("@"):
+    if not os.path.isfile(spec[1:]):
+      raise FileNotFoundError(f"sample.captions={spec!r}: no caption file {spec[1:]!r} (one "
+                              "caption per line); give its path after '@', or the captions "
+                              "themselves, 'a red circle;a blue square'.")
     with open(spec[1:]) as f:
       captions = [line.strip() for line in f if line.strip()]
   else:
@@ -374,6 +409,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError("This is a super-resolution stage: it samples from a low-resolution "
                      "image, so sample it in a cascade: --config=configs/cascade.py:"
                      f"BASE_DIR,{workdir}.")
+  config_lib.validate_sample(config)
   checkpointing.check_compatible(workdir, config)
   trained = None
   if os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):

@@ -8,11 +8,32 @@ writes, so our samples can be scored by those suites and theirs by us. Labels
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Optional
 
 import numpy as np
 
 IMAGES_KEY = "arr_0"
+
+
+def open_npz(path: str, what: str) -> np.lib.npyio.NpzFile:
+  """np.load of an .npz (no pickles), or ValueError saying `path` is not one.
+
+  Args:
+    path: the file (it must exist).
+    what: what the file should be, for the message, e.g. "a sample file".
+  """
+  try:
+    f = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    # numpy's own text misleads here (a text file "contains pickled data"); the
+    # cause stays chained for the details.
+    raise ValueError(f"{path!r} is not a readable .npz (np.load: {type(e).__name__}); it "
+                     f"should be {what}.") from e
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path!r} holds one bare array (.npy), not an .npz; it should be "
+                     f"{what}.")
+  return f
 
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
@@ -62,7 +83,7 @@ def read_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"No sample file {path!r}.")
-  with np.load(path, allow_pickle=False) as f:
+  with open_npz(path, "a sample file (uint8 [N, H, W, C] under 'arr_0')") as f:
     if IMAGES_KEY not in f.files:
       raise ValueError(f"{path!r} has no '{IMAGES_KEY}' array (has {sorted(f.files)}); "
                        "sample files hold uint8 [N, H, W, C] images under 'arr_0'.")

@@ -32,6 +32,8 @@ def knn_radii(features: np.ndarray, k: int = 3, block_size: int = 1000) -> np.nd
   """
   features = np.asarray(features, np.float64)
   n = features.shape[0]
+  if k < 1:
+    raise ValueError(f"k must be >= 1 (the neighbourhood size), got {k}.")
   if n <= k:
     raise ValueError(f"Need more than k={k} points for k-NN radii, got {n}.")
   radii = np.empty(n)
@@ -70,6 +72,11 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3,
   if real.ndim != 2 or generated.ndim != 2 or real.shape[1] != generated.shape[1]:
     raise ValueError(f"Features must be [N, D] with the same D, got {real.shape} and "
                      f"{generated.shape}.")
+  for name, features in (("real", real), ("generated", generated)):
+    if k >= 1 and len(features) <= k:
+      raise ValueError(f"Precision/recall with k={k} needs more than {k} {name} features "
+                       f"(each one's k-th nearest neighbour among the others), got "
+                       f"{len(features)}.")
   real_radii = knn_radii(real, k, block_size)
   gen_radii = knn_radii(generated, k, block_size)
   return {"precision": _fraction_covered(generated, real, real_radii, block_size),

@@ -27,6 +27,8 @@ import scipy.linalg
 import scipy.special
 from absl import logging
 
+from diffusion_jax.evaluation import npz_io
+
 
 class NotComparableWarning(UserWarning):
   """A metric was computed in a way that makes it incomparable to published ones."""
@@ -135,9 +137,12 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     predictions spread evenly over C classes give C.
   """
   logits = np.asarray(logits, np.float64)
+  if splits < 1:
+    raise ValueError(f"splits must be >= 1, got {splits}.")
+  if logits.ndim != 2 or logits.shape[0] < splits:
+    raise ValueError(f"logits must be [N >= splits={splits}, C], got {logits.shape}: the "
+                     "Inception Score needs at least one sample per split.")
   n = logits.shape[0]
-  if logits.ndim != 2 or n < splits:
-    raise ValueError(f"logits must be [N >= splits={splits}, C], got {logits.shape}.")
   log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
   scores = []
   for i in range(splits):
@@ -171,14 +176,15 @@ def load_stats(path: str) -> tuple[FeatureStats, dict[str, Any], Optional[np.nda
 
   Raises:
     FileNotFoundError: no file at `path`.
-    ValueError: the file lacks `mu` or `sigma`, or their shapes disagree.
+    ValueError: the file is not an .npz, lacks `mu` or `sigma`, or their shapes
+      disagree.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"Reference statistics file {path!r} does not exist. Compute "
                             "it with --mode=eval and config.eval.fid_reference='' (it is "
                             "then written to <workdir>/eval/), or point to a pytorch-fid "
                             "or TTUR .npz with 'mu' and 'sigma'.")
-  with np.load(path, allow_pickle=False) as f:
+  with npz_io.open_npz(path, "reference statistics ('mu' [D], 'sigma' [D, D])") as f:
     missing = {"mu", "sigma"} - set(f.files)
     if missing:
       raise ValueError(f"{path!r} is not a statistics file: it lacks {sorted(missing)} "
