@@ -46,6 +46,10 @@ flags.DEFINE_string(
     "compilation_cache_dir", "",
     "JAX's persistent compilation cache, so a restart does not recompile; '' means "
     "<parent of --workdir>/.jax_compilation_cache, 'none' turns it off.")
+flags.DEFINE_bool("allow_fresh_start", False,
+                  "Train mode: if the workdir has checkpoint steps but none can be read, "
+                  "move them to checkpoints_set_aside/ and start from step 0 (without it, "
+                  "that is an error and nothing is moved).")
 flags.DEFINE_bool("verbose_libraries", False,
                   "Also show the INFO logs of Orbax (many lines per checkpoint).")
 
@@ -96,7 +100,7 @@ def main(argv):
                            "train each stage with its own config.")
     cascade.sample_cascade(config, FLAGS.workdir)
   elif FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir, allow_fresh_start=FLAGS.allow_fresh_start)
   elif FLAGS.mode == "eval":
     evaluate.evaluate(config, FLAGS.workdir)
   else:

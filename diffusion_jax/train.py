@@ -20,7 +20,8 @@ import optax
 from absl import logging
 
 from diffusion_jax import (checkpointing, conditioning, config_lib, diffusion, input_pipeline,
-                           metrics, models, optim, parallel, preemption, sample, sample_io)
+                           metrics, models, optim, parallel, preemption, sample, sample_io,
+                           workdir_lock)
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
@@ -129,7 +130,8 @@ class Trainer:
     self.key = jax.random.key(config.seed)
     self.data_iter = input_pipeline.create_train_iterator(
         config.data, config.training.batch_size, config.seed)
-    self.ckpt = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    self.ckpt = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints,
+                                           writer=True)
     self.text, null_text = None, None
     if conditioning.is_text(config):
       from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
@@ -151,9 +153,17 @@ class Trainer:
         batch.update(self.text(captions))
     return parallel.to_global(batch, self.mesh)
 
-  def restore_or_init(self) -> TrainState:
+  def restore_or_init(self, allow_fresh_start: bool = False) -> TrainState:
+    """The latest checkpoint's state, or a new one if the workdir has none.
+
+    Raises:
+      checkpointing.CheckpointMismatchError: the config builds another state.
+      checkpointing.NoRestorableCheckpointError: steps exist, none reads (and
+        not `allow_fresh_start`).
+    """
     abstract = abstract_train_state(self.model, self.tx, self.config, self.mesh)
-    state = self.ckpt.restore_latest(abstract, self.data_iter)
+    state = self.ckpt.restore_latest(abstract, self.data_iter,
+                                     allow_fresh_start=allow_fresh_start, config=self.config)
     if state is not None:
       logging.info("Resumed from step %d in %s", int(state.step), self.ckpt.directory)
       return state
@@ -212,11 +222,44 @@ def _check_finite(step: int, stats: dict, last_saved: Optional[int]) -> None:
         "kept. Lower optim.lr, keep optim.grad_clip_norm > 0, or check the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes) the model of `config`, writing everything to workdir."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_fresh_start: bool = False) -> TrainState:
+  """Trains (or resumes) the model of `config`, writing everything to workdir.
+
+  Args:
+    config: the run config.
+    workdir: checkpoints, metrics and samples go here; one trainer at a time.
+    allow_fresh_start: if the workdir has checkpoint steps but none can be
+      read, set them aside and start from step 0 instead of raising.
+
+  Raises:
+    workdir_lock.WorkdirBusyError: another live trainer holds the workdir.
+    checkpointing.CheckpointError: the checkpoints do not fit the config, none
+      can be read, or a save failed (each message says how to go on).
+  """
+  # Process 0 speaks for the run; the lock comes before anything touches the
+  # workdir (Orbax's start-up would clean up a live run's save in flight).
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, workdir, allow_fresh_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           allow_fresh_start: bool) -> TrainState:
   trainer = Trainer(config, workdir)
+  try:
+    state = trainer.restore_or_init(allow_fresh_start)
+  except BaseException:
+    trainer.writer.close()
+    trainer.ckpt.close()
+    raise
+  # Only now: a config the checkpoints refused must not replace the saved one.
   checkpointing.save_config(workdir, config)
-  state = trainer.restore_or_init()
   t = config.training
   start = int(state.step)
   last_saved = start if start > 0 else None
@@ -254,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         break
   finally:
     watcher.close()
-    trainer.ckpt.close()  # waits for the async save in flight
     trainer.writer.close()
+    trainer.ckpt.close()  # waits for the save in flight; raises if it failed
   return state
 
 
