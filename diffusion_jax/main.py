@@ -11,6 +11,7 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
 """
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 import jax
@@ -70,6 +71,28 @@ def _enable_compilation_cache(cache_dir: str, workdir: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a project message for a bad --config override.
+
+  ml_collections applies `--config.a.b=v` while flags are parsed, so a
+  misspelt field would otherwise end in its own traceback.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # what absl's own parser reports, without a traceback
+    print(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.", file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    # ml_collections' message is a repr with escaped quotes and newlines.
+    detail = " ".join(str(e).encode().decode("unicode_escape").split()).replace("'", "")
+    print(f"Bad command line: a --config override could not be applied ({detail}). "
+          f"Overrides given: {' '.join(bad) or '(none)'}. Each must name a field of the "
+          "config file (see configs/default.py), e.g. --config.optim.lr=1e-4.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -109,4 +132,4 @@ def main(argv):
 
 if __name__ == "__main__":
   # An error on one process of a multi-process run ends the run in seconds.
-  app.run(multihost.fail_fast()(main))
+  app.run(multihost.fail_fast()(main), flags_parser=_parse_flags)

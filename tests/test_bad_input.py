@@ -520,7 +520,8 @@ def test_cascade(name):
 
 CLI_ROWS = {
     "misspelt_override": (["--config=configs/test.py", "--config.optim.lrr=1e-4"],
-                          'Did you mean "lr" instead of "lrr"?'),
+                          'Bad command line: a --config override could not be applied (lrr '
+                          'Did you mean "lr" instead of "lrr"?)'),
     "train_without_config": ([], "--config is required for --mode=train, e.g. "
                                  "--config=configs/digits.py"),
     "unknown_mode": (["--mode=serve"],
