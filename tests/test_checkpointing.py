@@ -229,20 +229,22 @@ def test_failed_save_is_an_error_and_keeps_the_previous_step(tmp_path, monkeypat
   reader.close()
 
 
-def test_training_stops_on_a_failed_save_and_resumes_from_the_last_one(digits_dir, tmp_path,
+def test_training_stops_on_a_failed_save_and_resumes_from_the_last_one(trained, tmp_path,
                                                                        monkeypatch):
-  workdir = str(tmp_path / "run")
-  config = _config(digits_dir)
-  _failing_async_save(monkeypatch, 6, background=True)
-  with pytest.raises(checkpointing.CheckpointSaveError, match="step 6.*No space left on "
-                     "device.*step 3, is intact"):
-    train.train_and_evaluate(config, workdir)
+  config, _ = trained
+  copy = _copy(trained, tmp_path)
+  longer = _config(config.data.data_dir, training__num_train_steps=9)
+  _failing_async_save(monkeypatch, 9, background=True)  # the final save, waited for at exit
+  with pytest.raises(checkpointing.CheckpointSaveError, match="step 9.*No space left on "
+                     "device.*step 6, is intact"):
+    train.train_and_evaluate(longer, copy)
   monkeypatch.undo()
-  assert checkpointing.Checkpointer(workdir).all_steps() == [3]
-  # The lock went with the failed run; the same command resumes from step 3.
-  state = train.train_and_evaluate(config, workdir)
-  assert int(state.step) == 6
-  assert checkpointing.Checkpointer(workdir).all_steps() == [3, 6]
+  assert checkpointing.Checkpointer(copy).all_steps() == [3, 6]
+  with workdir_lock.WorkdirLock(copy):  # the failed run left no lock behind
+    pass
+  trainer = train.Trainer(longer, copy)  # what the same command resumes from
+  assert int(trainer.restore_or_init().step) == 6
+  trainer.ckpt.close()
 
 
 def test_sigterm_during_an_async_save_leaves_complete_steps(digits_dir, tmp_path, monkeypatch):
