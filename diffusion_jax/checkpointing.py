@@ -370,9 +370,10 @@ class Checkpointer:
     return None
 
   def _set_aside_all(self, failures: list) -> None:
-    if failures and not self.writer:
-      raise CheckpointError(f"Unreadable checkpoint steps {[s for s, _ in failures]} in "
-                            f"{self.directory}; only the trainer sets steps aside.")
+    if failures and not self.writer:  # only the trainer moves steps; a reader says so
+      logging.warning("Unreadable checkpoint steps %s in %s (left in place): %s",
+                      [s for s, _ in failures], self.directory, failures)
+      return
     for step, error in failures:
       self._set_aside(step, error)
 
