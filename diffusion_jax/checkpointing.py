@@ -74,9 +74,8 @@ def mismatch_message(workdir: str, step: int, saved: dict, wanted: dict,
   diffs = []
   if config is not None:
     try:
-      with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        diffs = config_differences(json.load(f), config_to_dict(config))
-    except (OSError, ValueError):
+      diffs = config_differences(_read_saved_config(workdir), config_to_dict(config))
+    except CheckpointError:
       pass  # no readable saved config: the array list above is all there is
   if diffs:
     lines.append(f"Settings that differ from the run's {CONFIG_FILE} (the likely cause):")
@@ -137,7 +136,7 @@ def _read_saved_config(workdir: str) -> dict:
   if not os.path.exists(path):
     raise CheckpointError(f"No {CONFIG_FILE} in {workdir!r}: is it the --workdir of a "
                           "training run?")
-  fix = (f"It is written by training: restore it from a copy, or delete it and run training "
+  fix = ("It is written by training: restore it from a copy, or delete it and run training "
          "again with the run's --config (the checkpoints' own structure is still checked), "
          "or pass --config=... to sample/eval mode.")
   try:
@@ -399,9 +398,9 @@ class Checkpointer:
       saved = _subtree(self._saved_signature(step), "ema_params")
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from e
-    if saved != tree_signature(target):
-      raise CheckpointMismatchError(mismatch_message(self.workdir, step, saved,
-                                                     tree_signature(target)))
+    wanted = tree_signature(target)
+    if saved != wanted:
+      raise CheckpointMismatchError(mismatch_message(self.workdir, step, saved, wanted))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(

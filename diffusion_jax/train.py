@@ -171,6 +171,12 @@ class Trainer:
     return create_train_state(self.model, self.tx, self.config,
                               jax.random.fold_in(self.key, _INIT), self.mesh)
 
+  def close(self) -> None:
+    """Closes the metric writer, then waits for the checkpoint save in flight
+    (raising checkpointing.CheckpointSaveError if it failed)."""
+    self.writer.close()
+    self.ckpt.close()
+
   def maybe_sample(self, state: TrainState, step: int) -> None:
     t = self.config.training
     if not t.sample_every_steps or (step % t.sample_every_steps and step != t.num_train_steps):
@@ -255,8 +261,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   try:
     state = trainer.restore_or_init(allow_fresh_start)
   except BaseException:
-    trainer.writer.close()
-    trainer.ckpt.close()
+    trainer.close()
     raise
   # Only now: a config the checkpoints refused must not replace the saved one.
   checkpointing.save_config(workdir, config)
@@ -297,8 +302,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         break
   finally:
     watcher.close()
-    trainer.writer.close()
-    trainer.ckpt.close()  # waits for the save in flight; raises if it failed
+    trainer.close()
   return state
 
 
