@@ -7,7 +7,9 @@ classifier of `diffusion_jax/evaluation` (trained on the real train split):
 
   class_accuracy   fraction the classifier assigns to the requested class
   frechet_distance between classifier features of the samples and of the
-                   real digits (`digits_quality`; lower is better)
+                   real test digits (`digits_quality`; lower is better), with
+                   floor_frechet_distance (as many real train digits as
+                   samples) and frechet_distance_ratio, the first over the second
 
 Prints one JSON line per scale.
 
@@ -25,38 +27,26 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusion_jax import checkpointing, guidance, sample, xla_flags
+from diffusion_jax.evaluation import digits_classifier, digits_quality
 
 
-def _score(images: np.ndarray, labels: np.ndarray, data_dir: str) -> dict:
-  """Class accuracy and Frechet distance with the evaluation issue's modules."""
-  from diffusion_jax.evaluation import digits_classifier  # pylint: disable=g-import-not-at-top
-  clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
-  try:
-    from diffusion_jax.evaluation import digits_quality  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    digits_quality = None
-  if digits_quality is not None:
-    q = digits_quality.digits_quality(images, clf, data_dir, labels=labels)
-    out = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in q.items()
-           if np.isscalar(v)}
-    hit = clf.predict_proba(images).argmax(1) == labels
-    out["worst_class_accuracy"] = float(min(hit[labels == c].mean() for c in np.unique(labels)))
-    return out
-  # Fallback (digits_quality not written yet): accuracy from the same classifier and
-  # the Frechet distance of its features against the real train split.
-  from diffusion_jax.evaluation import stats  # pylint: disable=g-import-not-at-top
-  real, _ = digits_classifier.load_digits_split(data_dir, "train")
-  fs = stats.feature_statistics(clf.features(images).astype(np.float64))
-  fr = stats.feature_statistics(clf.features(real).astype(np.float64))
-  return dict(class_accuracy=float(np.mean(clf.predict_proba(images).argmax(1) == labels)),
-              frechet_distance_own=float(stats.stats_distance(fs, fr)),
-              note="fallback: digits_quality missing; own Frechet vs the train split")
+def _score(images: np.ndarray, labels: np.ndarray, clf, data_dir: str) -> dict:
+  """digits_quality's scalar figures (FD, its same-n floor and ratio) and class accuracy."""
+  q = digits_quality.digits_quality(images, clf, data_dir, labels=labels)
+  out = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in q.items()
+         if np.isscalar(v)}
+  hit = clf.predict_proba(images).argmax(1) == labels
+  out["worst_class_accuracy"] = float(min(hit[labels == c].mean() for c in np.unique(labels)))
+  hist = q["class_histogram"]
+  out["min_class_share"], out["max_class_share"] = min(hist), max(hist)
+  return out
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="A configs/digits_cond.py run.")
-  parser.add_argument("--data_dir", default="", help="TFDS data_dir ('' = default).")
+  parser.add_argument("--data_dir", default="",
+                      help="TFDS data_dir of the real digits ('' = the run's).")
   parser.add_argument("--scales", default="1,2,3,5")
   parser.add_argument("--per_class", type=int, default=100, help="Samples per class.")
   parser.add_argument("--batch_size", type=int, default=500)
@@ -71,6 +61,8 @@ def main() -> None:
   config.sample.method, config.sample.num_steps = args.method, args.num_steps
   config.sample.thresholding = args.thresholding
   model, params, step, mesh = sample.restore_ema(config, args.workdir)
+  data_dir = args.data_dir or config.data.data_dir
+  clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
   k = config.model.num_classes
   n = k * args.per_class
   labels = guidance.parse_labels("all", k, n)
@@ -86,7 +78,7 @@ def main() -> None:
                num_samples=n, method=args.method, num_steps=args.num_steps,
                thresholding=args.thresholding, sample_seconds=round(seconds, 1),
                compiles=fn.jitted._cache_size())
-    row.update(_score(images, labels, args.data_dir))
+    row.update(_score(images, labels, clf, data_dir))
     print(json.dumps(row), flush=True)
 
 

@@ -38,6 +38,9 @@ def test_digits_quality_separates_real_digits_from_noise(clf, digits_dir):
   good = digits_quality.digits_quality(real[:1000], clf, digits_dir, labels=labels[:1000])
   assert good["class_accuracy"] == 1.0  # training digits, seen by the classifier
   assert good["frechet_distance"] < 3 * good["floor_frechet_distance"]
+  # 1,000 real TRAIN digits are what the same-n floor draws: a ratio near 1.
+  assert good["floor_num_samples"] == 1000 and good["floor_draws"] == digits_quality.FLOOR_DRAWS
+  assert 0.7 < good["frechet_distance_ratio"] < 1.4
   assert good["confident_fraction"] > 0.95 and good["precision"] > 0.85
   assert len(good["class_histogram"]) == 10 and min(good["class_histogram"]) > 0.05
   noise = np.random.default_rng(0).integers(0, 256, (200, 16, 16, 1), dtype=np.uint8)
@@ -47,6 +50,26 @@ def test_digits_quality_separates_real_digits_from_noise(clf, digits_dir):
   with pytest.warns(stats.NotComparableWarning):
     few = digits_quality.digits_quality(real[:30], clf, digits_dir)
   assert "NOT comparable" in few["warning"]
+
+
+def test_same_n_floor_matches_direct_draws_and_grows_as_n_falls(clf, digits_dir):
+  """The floor is real TRAIN digits of the samples' count; the FD bias grows as n falls."""
+  train, _ = digits_classifier.load_digits_split(digits_dir, "train")
+  test, _ = digits_classifier.load_digits_split(digits_dir, "test")
+  real = digits_quality._real_reference(clf, digits_dir)  # pylint: disable=protected-access
+  small = digits_quality.same_n_floor(real, 256)
+  # Recomputed from the images (not the cached features), one draw per seed.
+  test_stats = stats.feature_statistics(clf.features(test).astype(np.float64))
+  direct = [stats.stats_distance(stats.feature_statistics(clf.features(
+      train[np.sort(np.random.default_rng(s).choice(len(train), 256, replace=False))]
+  ).astype(np.float64)), test_stats) for s in range(digits_quality.FLOOR_DRAWS)]
+  np.testing.assert_allclose(small["floor_frechet_distance"], np.mean(direct), rtol=1e-6)
+  np.testing.assert_allclose(small["floor_frechet_distance_std"], np.std(direct), rtol=1e-6)
+  whole = digits_quality.same_n_floor(real, 5000)  # capped at the split: one draw
+  assert whole["floor_num_samples"] == len(train) and whole["floor_draws"] == 1
+  np.testing.assert_allclose(whole["floor_frechet_distance"],
+                             real["floor_frechet_distance_all_train"], rtol=1e-12)
+  assert small["floor_frechet_distance"] > 1.2 * whole["floor_frechet_distance"]
 
 
 @pytest.fixture(scope="module")

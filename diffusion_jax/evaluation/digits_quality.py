@@ -6,19 +6,25 @@ reports:
 
   frechet_distance        Frechet distance of the samples' 64-d features to those
                           of the real TEST split (300 digits never trained on);
-  floor_frechet_distance  the same distance from the real TRAIN split to the TEST
-                          split: what real data scores, the floor to read the
-                          first figure against;
+  floor_frechet_distance  the same distance from N real TRAIN digits (N = the
+                          number of samples, capped at the 1,497 of the split) to
+                          the TEST split, the mean over FLOOR_DRAWS random draws:
+                          what real data of the same size scores, the floor to
+                          read the first figure against (the estimate's bias
+                          grows as N falls, so only a same-N floor is fair);
+  frechet_distance_ratio  frechet_distance / floor_frechet_distance (1 = real);
   confident_fraction      fraction of samples whose top class probability > 0.9
                           (real_confident_fraction: the same for the TEST split);
   class_histogram         fraction of samples per predicted class (mode coverage;
                           real_class_histogram: the TEST split's);
   precision, recall       Kynkaanniemi et al. (k=3) against the TEST split, with
-                          floor_precision/floor_recall for TRAIN vs TEST;
+                          floor_precision/floor_recall for the same N real TRAIN
+                          digits (mean over the same draws);
   class_accuracy          with `labels=`: fraction classified as the requested class.
 
 Distances from samples of different sizes are biased differently; compare
-figures computed from the same number of samples.
+figures computed from the same number of samples. `*_all_train` keys keep the
+floor of the whole TRAIN split for reference.
 """
 from __future__ import annotations
 
@@ -32,6 +38,9 @@ from diffusion_jax.evaluation.digits_classifier import (NUM_CLASSES, DigitsClass
 
 CONFIDENCE = 0.9
 PR_K = 3
+# Random same-size draws of real TRAIN digits averaged for the floor; their
+# spread is reported too (floor_frechet_distance_std).
+FLOOR_DRAWS = 10
 
 
 def _histogram(probs: np.ndarray) -> list[float]:
@@ -51,14 +60,49 @@ def _real_reference(clf: DigitsClassifier, data_dir: str) -> dict[str, Any]:
     floor_pr = precision_recall.precision_recall(test_f, train_f, k=PR_K)
     cache[data_dir] = dict(
         test_features=test_f, test_stats=test_stats,
-        floor_frechet_distance=stats.stats_distance(stats.feature_statistics(train_f),
-                                                    test_stats),
-        floor_precision=floor_pr["precision"], floor_recall=floor_pr["recall"],
+        train_features=train_f,
+        floor_frechet_distance_all_train=stats.stats_distance(
+            stats.feature_statistics(train_f), test_stats),
+        floor_precision_all_train=floor_pr["precision"],
+        floor_recall_all_train=floor_pr["recall"], same_n_floors={},
         real_confident_fraction=float(np.mean(test_p.max(axis=1) > CONFIDENCE)),
         real_class_histogram=_histogram(test_p),
         num_real_train=len(train_x), num_real_test=len(test_x))
     clf._real_reference_cache = cache  # pylint: disable=protected-access
   return cache[data_dir]
+
+
+def same_n_floor(real: dict[str, Any], n: int) -> dict[str, Any]:
+  """Floor figures of `n` random real TRAIN digits against the TEST split.
+
+  Args:
+    real: `_real_reference(...)`.
+    n: the number of generated samples; draws take min(n, TRAIN size) digits
+      without replacement, from seeds 0 .. FLOOR_DRAWS - 1 (so a given n always
+      gets the same floor).
+
+  Returns:
+    floor_frechet_distance (mean over draws), its std, floor_precision,
+    floor_recall (means) and floor_num_samples.
+  """
+  train_f = real["train_features"]
+  m = min(n, len(train_f))
+  if m not in real["same_n_floors"]:
+    draws = FLOOR_DRAWS if m < len(train_f) else 1  # all of TRAIN: one draw
+    fds, precisions, recalls = [], [], []
+    for seed in range(draws):
+      idx = np.random.default_rng(seed).choice(len(train_f), m, replace=False)
+      feats = train_f[np.sort(idx)]
+      fds.append(stats.stats_distance(stats.feature_statistics(feats), real["test_stats"]))
+      pr = precision_recall.precision_recall(real["test_features"], feats, k=PR_K)
+      precisions.append(pr["precision"])
+      recalls.append(pr["recall"])
+    real["same_n_floors"][m] = dict(
+        floor_frechet_distance=float(np.mean(fds)),
+        floor_frechet_distance_std=float(np.std(fds)),
+        floor_precision=float(np.mean(precisions)), floor_recall=float(np.mean(recalls)),
+        floor_num_samples=m, floor_draws=draws)
+  return real["same_n_floors"][m]
 
 
 def digits_quality(images_uint8: np.ndarray, clf: DigitsClassifier, data_dir: str, *,
@@ -80,20 +124,28 @@ def digits_quality(images_uint8: np.ndarray, clf: DigitsClassifier, data_dir: st
   feats, probs = clf.features(images), clf.predict_proba(images)
   gen_stats = stats.feature_statistics(feats)
   pr = precision_recall.precision_recall(real["test_features"], feats, k=PR_K)
+  floor = same_n_floor(real, len(images))
+  fd = stats.stats_distance(gen_stats, real["test_stats"])
   out = {
-      "frechet_distance": stats.stats_distance(gen_stats, real["test_stats"]),
-      "floor_frechet_distance": real["floor_frechet_distance"],
+      "frechet_distance": fd,
+      **floor,
+      "frechet_distance_ratio": fd / floor["floor_frechet_distance"],
       "confident_fraction": float(np.mean(probs.max(axis=1) > CONFIDENCE)),
       "real_confident_fraction": real["real_confident_fraction"],
       "class_histogram": _histogram(probs),
       "real_class_histogram": real["real_class_histogram"],
       "precision": pr["precision"], "recall": pr["recall"],
-      "floor_precision": real["floor_precision"], "floor_recall": real["floor_recall"],
+      **{k: real[k] for k in ("floor_frechet_distance_all_train",
+                              "floor_precision_all_train", "floor_recall_all_train")},
       "num_samples": len(images), "num_real_train": real["num_real_train"],
       "num_real_test": real["num_real_test"], "feature_dim": feats.shape[1],
       "classifier_test_accuracy": clf.test_accuracy,
   }
   note = stats.rank_deficiency_note(len(images), feats.shape[1])
+  if floor["floor_num_samples"] < len(images):
+    note = ((note + "; ") if note else "") + (
+        f"the floor uses all {floor['floor_num_samples']} real TRAIN digits, fewer than "
+        f"the {len(images)} samples, so the ratio slightly flatters the samples")
   if note:
     out["warning"] = note
   if labels is not None:

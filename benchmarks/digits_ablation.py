@@ -1,0 +1,137 @@
+"""Ablations of the digits default: train each variant per seed, score its samples.
+
+Each variant is `configs/digits.py` (or `--base_config`) plus command-line
+overrides, trained by the README's own command in a subprocess (so the wall
+time is the whole command's), then scored with `digits_quality.py`'s sampler
+settings on the EMA parameters of the last step. One JSON line per (variant,
+seed, sampler setting); the training wall time is recorded beside each
+workdir, so a rerun scores finished runs without training them again.
+
+  python benchmarks/digits_ablation.py --out_dir=/tmp/abl --seeds=0,1 \\
+      --variants=base,ssn,v,cosine,min_snr --settings=ddim:50,ancestral:100
+
+FD is the Frechet distance against the real TEST digits and `fd_ratio` its
+ratio to the same-n floor (as many real TRAIN digits as samples; see
+`diffusion_jax/evaluation/digits_quality.py`).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import digits_quality as quality_bench
+from diffusion_jax import checkpointing, sample, xla_flags
+from diffusion_jax.evaluation import digits_classifier, digits_quality
+
+# Each variant alone on top of the base config; "combined" names the set kept.
+VARIANTS = {
+    "base": (),
+    "ssn": ("--config.model.scale_shift_norm=True",),
+    "v": ("--config.diffusion.prediction=v",),
+    "cosine": ("--config.diffusion.schedule=cosine",),
+    "min_snr": ("--config.diffusion.weighting=min_snr",),
+    "lr_cosine": ("--config.optim.lr_schedule=cosine",),
+    "ssn_v": ("--config.model.scale_shift_norm=True", "--config.diffusion.prediction=v"),
+    "ssn_v_cosine": ("--config.model.scale_shift_norm=True",
+                     "--config.diffusion.prediction=v", "--config.diffusion.schedule=cosine"),
+    "ssn_min_snr": ("--config.model.scale_shift_norm=True",
+                    "--config.diffusion.weighting=min_snr"),
+    "ssn_v_min_snr": ("--config.model.scale_shift_norm=True",
+                      "--config.diffusion.prediction=v",
+                      "--config.diffusion.weighting=min_snr"),
+    "ssn_lr2e-3": ("--config.model.scale_shift_norm=True", "--config.optim.lr=2e-3"),
+    "ssn_ema9995": ("--config.model.scale_shift_norm=True",
+                    "--config.optim.ema_decay=0.9995"),
+}
+TRAIN_TIME_FILE = "train_seconds.json"
+
+
+def _train(args, name: str, seed: int, workdir: str) -> float:
+  """Runs the README's training command for one variant; returns its wall time."""
+  path = os.path.join(workdir, TRAIN_TIME_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)["train_seconds"]
+  cmd = [sys.executable, "-m", "diffusion_jax.main", f"--config={args.base_config}",
+         f"--workdir={workdir}", f"--config.seed={seed}", *VARIANTS[name],
+         *args.extra_overrides.split()]
+  start = time.perf_counter()
+  with open(workdir + ".log", "w") as log:
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  seconds = time.perf_counter() - start
+  with open(path, "w") as f:
+    json.dump({"train_seconds": seconds, "command": cmd}, f)
+  return seconds
+
+
+def _score(args, clf, workdir: str, setting: str) -> dict:
+  config = checkpointing.load_config(workdir)
+  method, num_steps, extra = quality_bench.parse_setting(setting)
+  model, params, step, mesh = sample.restore_ema(config, workdir)
+  start = time.perf_counter()
+  images = quality_bench.draw(model, params, config, mesh, setting, args)
+  seconds = time.perf_counter() - start
+  q = digits_quality.digits_quality(images, clf, config.data.data_dir)
+  hist = q["class_histogram"]
+  return dict(method=method, num_steps=num_steps, **extra, checkpoint_step=step,
+              sampling_seconds=round(seconds, 1), fd=round(q["frechet_distance"], 3),
+              floor_fd=round(q["floor_frechet_distance"], 3),
+              fd_ratio=round(q["frechet_distance_ratio"], 3),
+              confident=round(q["confident_fraction"], 4),
+              precision=round(q["precision"], 4), recall=round(q["recall"], 4),
+              floor_precision=round(q["floor_precision"], 4),
+              floor_recall=round(q["floor_recall"], 4),
+              min_class=min(hist), max_class=max(hist))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out_dir", required=True, help="one workdir per variant and seed")
+  parser.add_argument("--variants", default="base,ssn,v,cosine,min_snr",
+                      help=f"comma-separated, from {sorted(VARIANTS)}")
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--settings", default="ddim:50,ancestral:100",
+                      help="comma-separated method:steps[:key=value+...]")
+  parser.add_argument("--base_config", default="configs/digits.py")
+  parser.add_argument("--extra_overrides", default="", help="added to every variant")
+  parser.add_argument("--num_samples", type=int, default=1000)
+  parser.add_argument("--batch_size", type=int, default=250)
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+  parser.add_argument("--score_only", action="store_true",
+                      help="skip variants whose workdir has no finished run")
+  args = parser.parse_args()
+  unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+  if unknown:
+    parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+  xla_flags.apply_defaults()  # before the first computation
+  clf = None
+  for name in args.variants.split(","):
+    for seed in (int(s) for s in args.seeds.split(",")):
+      workdir = os.path.join(args.out_dir, f"{name}_s{seed}")
+      if args.score_only and not os.path.exists(os.path.join(workdir, TRAIN_TIME_FILE)):
+        continue
+      train_seconds = _train(args, name, seed, workdir)
+      if clf is None:  # after the first run has built the data set
+        data_dir = checkpointing.load_config(workdir).data.data_dir
+        clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
+      losses = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+      final_loss = np.mean([r["loss"] for r in losses if "loss" in r][-1:])
+      for setting in args.settings.split(","):
+        row = dict(variant=name, overrides=list(VARIANTS[name]), train_seed=seed,
+                   train_seconds=round(train_seconds, 1), final_loss=float(final_loss),
+                   num_samples=args.num_samples, sample_seed=args.seed,
+                   devices=jax.device_count(), **_score(args, clf, workdir, setting))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
