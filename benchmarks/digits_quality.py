@@ -12,7 +12,9 @@ workdir.
 
   python benchmarks/digits_quality.py --workdir=workdir/digits --num_samples=1000
   python benchmarks/digits_quality.py --workdir=workdir/digits \
-      --settings=ddim:50,dpm_solver++:20 --save_dir=/tmp/digits_samples
+      --settings=ddim:50,ancestral:100:variance=fixed_small --save_dir=/tmp/digits_samples
+  python benchmarks/digits_quality.py --workdir=workdir/digits \
+      --npz=workdir/digits/samples/<name>.npz   # score sample mode's output
 """
 import argparse
 import json
@@ -67,6 +69,9 @@ def draw(model, params, config, mesh, setting: str, args) -> np.ndarray:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a digits training run")
+  parser.add_argument("--npz", default="",
+                      help="score this samples file (e.g. the README's sample-mode output, "
+                           "<workdir>/samples/*.npz) instead of sampling")
   parser.add_argument("--settings", default=DEFAULT_SETTINGS,
                       help="comma-separated method:steps[:key=value+...]")
   parser.add_argument("--num_samples", type=int, default=1000)
@@ -82,6 +87,11 @@ def main() -> None:
   config = checkpointing.load_config(args.workdir)
   data_dir = config.data.data_dir if args.data_dir is None else args.data_dir
   clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
+  if args.npz:
+    images, labels = npz_io.read_samples(args.npz)
+    quality = digits_quality.digits_quality(images, clf, data_dir, labels=labels)
+    print(json.dumps({"npz": args.npz, **quality}), flush=True)
+    return
   model, params, step, mesh = sample.restore_ema(config, args.workdir, args.step)
   for setting in args.settings.split(","):
     method, num_steps, extra = parse_setting(setting)

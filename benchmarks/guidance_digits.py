@@ -50,16 +50,20 @@ def main() -> None:
   parser.add_argument("--scales", default="1,2,3,5")
   parser.add_argument("--per_class", type=int, default=100, help="Samples per class.")
   parser.add_argument("--batch_size", type=int, default=500)
-  parser.add_argument("--method", default="ddim")
-  parser.add_argument("--num_steps", type=int, default=50)
-  parser.add_argument("--thresholding", default="static")
+  parser.add_argument("--method", default="", help="sampler ('' = the run's sample.method)")
+  parser.add_argument("--num_steps", type=int, default=0, help="0 = the run's")
+  parser.add_argument("--variance", default="", help="ancestral variance ('' = the run's)")
+  parser.add_argument("--thresholding", default="", help="'' = the run's")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   xla_flags.apply_defaults()  # before the first computation
 
   config = checkpointing.load_config(args.workdir)
-  config.sample.method, config.sample.num_steps = args.method, args.num_steps
-  config.sample.thresholding = args.thresholding
+  s = config.sample
+  s.method = args.method or s.method
+  s.num_steps = args.num_steps or s.num_steps
+  s.variance = args.variance or s.variance
+  s.thresholding = args.thresholding or s.thresholding
   model, params, step, mesh = sample.restore_ema(config, args.workdir)
   data_dir = args.data_dir or config.data.data_dir
   clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
@@ -75,8 +79,8 @@ def main() -> None:
                              guidance_scale=scale)
     seconds = time.perf_counter() - start
     row = dict(benchmark="guidance_digits", guidance_scale=scale, step=step,
-               num_samples=n, method=args.method, num_steps=args.num_steps,
-               thresholding=args.thresholding, sample_seconds=round(seconds, 1),
+               num_samples=n, method=s.method, num_steps=s.num_steps, variance=s.variance,
+               thresholding=s.thresholding, sample_seconds=round(seconds, 1),
                compiles=fn.jitted._cache_size())
     row.update(_score(images, labels, clf, data_dir))
     print(json.dumps(row), flush=True)
