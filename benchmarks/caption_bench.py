@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cascade as cascade_config
 from configs import from_workdir
-from diffusion_jax import cascade, sample, xla_flags
+from diffusion_jax import builders, cascade, sample, xla_flags
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import shapes_checker
 from diffusion_jax.text import conditioner
@@ -49,9 +49,9 @@ def sample_single(workdir: str, captions: list[str], scale: float, batch: int, s
   default the latest) at a guidance scale."""
   config = from_workdir.get_config(workdir)
   config.sample.num_steps = num_steps
-  model, params, step, mesh = sample.restore_ema(config, workdir, step)
+  model, params, step, mesh = builders.restore_ema(config, workdir, step)
   encode = conditioner.TextConditioner(config)
-  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, batch, mesh,
+  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, batch, mesh,
                              guided=True)
   images = sample.generate(fn, params, len(captions), batch, seed, 0.0,
                            guidance_scale=scale, text=encode(captions),

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import digits_quality as quality_bench
-from diffusion_jax import checkpointing, sample, xla_flags
+from diffusion_jax import builders, checkpointing, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality
 
 # The digits training recipe before these ablations (DDPM: eps, linear schedule, no
@@ -75,7 +75,7 @@ def _train(args, name: str, seed: int, workdir: str) -> float:
 def _score(args, clf, workdir: str, setting: str) -> dict:
   config = checkpointing.load_config(workdir)
   method, num_steps, extra = quality_bench.parse_setting(setting)
-  model, params, step, mesh = sample.restore_ema(config, workdir)
+  model, params, step, mesh = builders.restore_ema(config, workdir)
   start = time.perf_counter()
   images = quality_bench.draw(model, params, config, mesh, setting, args)
   seconds = time.perf_counter() - start

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import checkpointing, sample, xla_flags
+from diffusion_jax import builders, checkpointing, sample, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
 
 DEFAULT_SETTINGS = ("ancestral:1000,ddim:10,ddim:20,ddim:50,"
@@ -60,7 +60,7 @@ def draw(model, params, config, mesh, setting: str, args) -> np.ndarray:
   config.sample.method, config.sample.num_steps = method, num_steps
   for key, value in extra.items():
     config.sample[key] = value
-  sample_fn = sample.make_sample_fn(model, sample.make_schedule(config), config,
+  sample_fn = sample.make_sample_fn(model, builders.make_schedule(config), config,
                                     args.batch_size, mesh)
   return sample.generate(sample_fn, params, args.num_samples, args.batch_size, args.seed,
                          config.sample.eta)
@@ -92,7 +92,7 @@ def main() -> None:
     quality = digits_quality.digits_quality(images, clf, data_dir, labels=labels)
     print(json.dumps({"npz": args.npz, **quality}), flush=True)
     return
-  model, params, step, mesh = sample.restore_ema(config, args.workdir, args.step)
+  model, params, step, mesh = builders.restore_ema(config, args.workdir, args.step)
   for setting in args.settings.split(","):
     method, num_steps, extra = parse_setting(setting)
     start = time.perf_counter()

@@ -39,7 +39,7 @@ def _run_main(workdir, config, steps, cache_dir, extra=()):
 def step_alone_rate(config_path: str, steps: int) -> float:
   """Steps/s of the jitted train step alone, in this process."""
   sys.path.insert(0, ROOT)
-  from diffusion_jax import models, optim, parallel, sample, train, xla_flags  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import builders, models, optim, parallel, train, xla_flags  # pylint: disable=g-import-not-at-top
   xla_flags.apply_defaults()  # as main.py does, before the first computation
   import importlib  # pylint: disable=g-import-not-at-top
   name = os.path.splitext(os.path.basename(config_path))[0]
@@ -48,7 +48,7 @@ def step_alone_rate(config_path: str, steps: int) -> float:
   model = models.create_model(config.model, config.data.channels)
   tx = optim.make_optimizer(config.optim, config.training.num_train_steps)
   state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
-  step = train.make_train_step(model, sample.make_schedule(config), tx, config, mesh)
+  step = train.make_train_step(model, builders.make_schedule(config), tx, config, mesh)
   b = config.training.batch_size
   s = config.data.image_size
   batch = parallel.to_global({

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import checkpointing, guidance, sample, xla_flags
+from diffusion_jax import builders, checkpointing, guidance, sample, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality
 
 
@@ -64,13 +64,13 @@ def main() -> None:
   s.num_steps = args.num_steps or s.num_steps
   s.variance = args.variance or s.variance
   s.thresholding = args.thresholding or s.thresholding
-  model, params, step, mesh = sample.restore_ema(config, args.workdir)
+  model, params, step, mesh = builders.restore_ema(config, args.workdir)
   data_dir = args.data_dir or config.data.data_dir
   clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
   k = config.model.num_classes
   n = k * args.per_class
   labels = guidance.parse_labels("all", k, n)
-  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, args.batch_size,
+  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, args.batch_size,
                              mesh, guided=True)
   for scale in (float(s) for s in args.scales.split(",")):
     start = time.perf_counter()

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import models, optim, parallel, sample, train, xla_flags
+from diffusion_jax import builders, models, optim, parallel, train, xla_flags
 
 
 def _setup(config_path: str):
@@ -31,7 +31,7 @@ def _setup(config_path: str):
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, config.data.channels)
   tx = optim.make_optimizer(config.optim, config.training.num_train_steps)
-  step_fn = train.train_step_fn(model, sample.make_schedule(config), tx, config)
+  step_fn = train.train_step_fn(model, builders.make_schedule(config), tx, config)
   b, s, c = config.training.batch_size, config.data.image_size, config.data.channels
   batch = {"image": np.random.default_rng(0).uniform(-1, 1, (b, s, s, c)).astype(np.float32),
            "label": np.zeros((b,), np.int32)}

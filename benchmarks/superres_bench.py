@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import from_workdir
-from diffusion_jax import input_pipeline, metrics, sample
+from diffusion_jax import builders, input_pipeline, metrics, sample
 from diffusion_jax import superres, xla_flags
 from diffusion_jax.evaluation import image_metrics
 
@@ -66,10 +66,10 @@ def main():
   for workdir in workdirs:
     config = from_workdir.get_config(workdir)
     config.sample.num_steps = args.num_steps
-    model, params, step, mesh = sample.restore_ema(config, workdir)
+    model, params, step, mesh = builders.restore_ema(config, workdir)
     for level in (float(x) for x in args.levels.split(",")):
       config.superres.sample_aug_level = level
-      fn = sample.make_sample_fn(model, sample.make_schedule(config), config, args.batch, mesh)
+      fn = sample.make_sample_fn(model, builders.make_schedule(config), config, args.batch, mesh)
       start = time.perf_counter()
       fake = sample.generate(fn, params, len(low), args.batch, 0, 0.0, low_res=low)
       print(json.dumps(_scores(

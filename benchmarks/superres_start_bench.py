@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import superres_bench
 from configs import from_workdir
-from diffusion_jax import conditioning, diffusion, metrics, sample, samplers, xla_flags
+from diffusion_jax import builders, conditioning, diffusion, metrics, samplers, xla_flags
 from diffusion_jax.evaluation import image_metrics
 
 
@@ -63,8 +63,8 @@ def main():
   xla_flags.apply_defaults()  # before the first computation
   config = from_workdir.get_config(args.workdir)
   high, low = superres_bench.test_pairs(config, args.num_images)
-  model, params, step, _ = sample.restore_ema(config, args.workdir)
-  schedule = sample.make_schedule(config)
+  model, params, step, _ = builders.restore_ema(config, args.workdir)
+  schedule = builders.make_schedule(config)
   cond = conditioning.sample_low_res_cond(config, schedule, jnp.asarray(low),
                                           jax.random.key(1))
   denoise = jax.jit(lambda x, t: model.apply({"params": params}, x, t, cond, train=False))

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, conditioning, config_lib, guidance, metrics
+from diffusion_jax import builders, checkpointing, conditioning, config_lib, guidance, metrics
 from diffusion_jax import sample as sample_lib
 
 
@@ -115,10 +115,10 @@ def _sample_stage(stage_config, workdir: str, labels, captions, low_res, num_sam
   """uint8 [N, S, S, C] from one stage's latest (or configured) EMA parameters."""
   checkpointing.check_compatible(workdir, stage_config)
   sample_lib.check_sample_request(stage_config, checkpointing.load_config(workdir))
-  model, params, step, mesh = sample_lib.restore_ema(stage_config, workdir,
-                                                     stage_config.sample.checkpoint_step)
+  model, params, step, mesh = builders.restore_ema(stage_config, workdir,
+                                                   stage_config.sample.checkpoint_step)
   logging.info("Stage %s: EMA parameters of step %d", workdir, step)
-  fn = sample_lib.make_sample_fn(model, sample_lib.make_schedule(stage_config), stage_config,
+  fn = sample_lib.make_sample_fn(model, builders.make_schedule(stage_config), stage_config,
                                  batch_size, mesh)
   return sample_lib.generate(fn, params, num_samples, batch_size, seed,
                              stage_config.sample.eta,

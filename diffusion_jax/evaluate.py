@@ -34,8 +34,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import (checkpointing, conditioning, config_lib, input_pipeline, likelihood,
-                           parallel, sample)
+from diffusion_jax import (builders, checkpointing, conditioning, config_lib,
+                           input_pipeline, likelihood, parallel, sample)
 from diffusion_jax.evaluation import npz_io, stats
 
 METRICS = ("digits_fd", "fid", "is", "pr", "bpd")
@@ -214,7 +214,7 @@ def _sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _bpd_fn(model, config: ml_collections.ConfigDict, mesh) -> Callable:
   """jit fn(params, x0 [B, H, W, C] in [-1, 1], rng) -> bits/dim [B], batch sharded."""
-  schedule = sample.make_schedule(config)
+  schedule = builders.make_schedule(config)
   data = parallel.data_sharded(mesh)
 
   def fn(params, x0, rng):
@@ -342,7 +342,7 @@ def _generate(model, params, config: ml_collections.ConfigDict, mesh
               ) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """(uint8 [N, H, W, C] samples, int32 [N] labels or None if unconditional)."""
   ev = config.eval
-  sample_fn = sample.make_sample_fn(model, sample.make_schedule(config), config,
+  sample_fn = sample.make_sample_fn(model, builders.make_schedule(config), config,
                                     ev.batch_size, mesh)
   if not config.model.num_classes:
     return sample.generate(sample_fn, params, ev.num_samples, ev.batch_size, ev.seed,
@@ -378,7 +378,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _check(config, workdir)
   checkpointing.check_compatible(workdir, config)
   _check_sample_request(config, workdir)
-  model, params, step, mesh = sample.restore_ema(config, workdir, config.sample.checkpoint_step)
+  model, params, step, mesh = builders.restore_ema(config, workdir, config.sample.checkpoint_step)
   logging.info("Eval: restored EMA parameters of step %d from %s", step, workdir)
   ev, name = config.eval, report_name(config, step)
   report = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step),

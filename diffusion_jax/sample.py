@@ -21,21 +21,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import (checkpointing, conditioning, config_lib, guidance, metrics, models,
-                           parallel, samplers, schedules)
+from diffusion_jax import (builders, checkpointing, conditioning, config_lib, guidance,
+                           metrics, parallel, samplers)
 from diffusion_jax.sample_io import save_grid, save_samples  # noqa: F401 (re-exported)
 from diffusion_jax.schedules import Schedule
 
 # Folded into a sampling call's key for the noise augmentation of low_res.
 _LOW_RES_AUG = 1 << 20
-
-
-def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
-  return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
 def _thresholding(s: ml_collections.ConfigDict) -> str:
@@ -92,7 +84,7 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   if guided and not conditional:
     raise ValueError("Guidance needs a class- or text-conditional model.")
   num_steps = None if s.num_steps == 0 else s.num_steps
-  shape = (batch_size,) + image_shape(config)
+  shape = (batch_size,) + builders.image_shape(config)
   data = parallel.data_sharded(mesh)
   kwargs = dict(method=s.method, num_steps=num_steps, prediction=config.diffusion.prediction,
                 variance=s.variance, thresholding=_thresholding(s),
@@ -219,39 +211,6 @@ def _checked_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
     raise ValueError(f"Label {int(bad[0])} is out of range: this model has {num_classes} "
                      f"classes, 0 to {num_classes - 1} ({num_classes} is the null class).")
   return labels.astype(np.int32)
-
-
-def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
-  """The model's initial parameters, from a dummy batch of one image."""
-  x = jnp.zeros((1,) + image_shape(config), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  return model.init(rng, x, t, conditioning.init_cond(config), train=False)["params"]
-
-
-def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None):
-  """The model of `config` and the EMA parameters of a workdir's checkpoint.
-
-  Args:
-    config: the run config (model, data).
-    workdir: the training run's workdir.
-    step: the checkpoint step; None or -1 means the latest.
-
-  Returns:
-    (model, ema_params replicated over the mesh, step, mesh).
-  """
-  mesh = parallel.make_mesh()
-  model = models.create_model(config.model, config.data.channels)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  params, step = ckpt.restore_ema_params(abstract_params(model, config, mesh), step)
-  ckpt.close()
-  return model, params, step, mesh
-
-
-def abstract_params(model, config: ml_collections.ConfigDict, mesh):
-  """Parameter shapes (jax.ShapeDtypeStruct, replicated) without allocating."""
-  shapes = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
-  rep = parallel.replicated(mesh)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
 
 
 def _batch_slice(values, i: int, batch_size: int, num_samples: int):
@@ -423,9 +382,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
     from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
     encode = conditioner.TextConditioner(config)
     text = dict(text=encode(captions), null_text=encode.null(1))
-  model, params, step, mesh = restore_ema(config, workdir, s.checkpoint_step)
+  model, params, step, mesh = builders.restore_ema(config, workdir, s.checkpoint_step)
   logging.info("Restored EMA parameters of step %d from %s", step, workdir)
-  sample_fn = make_sample_fn(model, make_schedule(config), config, s.batch_size, mesh)
+  sample_fn = make_sample_fn(model, builders.make_schedule(config), config, s.batch_size,
+                             mesh)
   images = generate(sample_fn, params, s.num_samples, s.batch_size, s.seed, s.eta,
                     labels=labels, **text)
   path = None

@@ -19,9 +19,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import (checkpointing, conditioning, config_lib, diffusion, input_pipeline,
-                           metrics, models, optim, parallel, preemption, sample, sample_io,
-                           workdir_lock)
+from diffusion_jax import (builders, checkpointing, conditioning, config_lib, diffusion,
+                           input_pipeline, metrics, models, optim, parallel, preemption,
+                           sample, sample_io, workdir_lock)
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
@@ -33,7 +33,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _init_state(model, tx, config, rng) -> TrainState:
-  params = sample.init_params(model, config, rng)
+  params = builders.init_params(model, config, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
@@ -125,7 +125,7 @@ class Trainer:
     parallel.check_batch_size(config.training.batch_size, self.mesh)
     checkpointing.check_compatible(workdir, config)
     self.model = models.create_model(config.model, config.data.channels)
-    self.schedule = sample.make_schedule(config)
+    self.schedule = builders.make_schedule(config)
     self.tx = optim.make_optimizer(config.optim, config.training.num_train_steps)
     self.key = jax.random.key(config.seed)
     self.data_iter = input_pipeline.create_train_iterator(

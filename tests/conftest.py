@@ -32,8 +32,8 @@ def perturbed_params(model, config):
   an input's effect on the output; tests of conditioning paths use these.
   """
   import jax  # pylint: disable=g-import-not-at-top  (after the environment is set)
-  from diffusion_jax import sample  # pylint: disable=g-import-not-at-top
-  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
+  from diffusion_jax import builders  # pylint: disable=g-import-not-at-top
+  params = jax.jit(lambda: builders.init_params(model, config, jax.random.key(0)))()
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)

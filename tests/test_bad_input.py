@@ -18,8 +18,8 @@ import pytest
 from configs import cascade as cascade_config
 from configs import from_workdir, shapes_sr32, shapes_text_glide
 from configs import test as test_config
-from diffusion_jax import (cascade, checkpointing, config_lib, evaluate, guidance, models,
-                           parallel, sample, train)
+from diffusion_jax import (builders, cascade, checkpointing, config_lib, evaluate, guidance,
+                           models, parallel, sample, train)
 from diffusion_jax.evaluation import inception, npz_io, precision_recall, stats
 from tests.conftest import apply_overrides
 
@@ -141,7 +141,7 @@ def test_model_value(name):
   config = _base(**overrides)
   with pytest.raises(ValueError, match=re.escape(message)):
     model = models.create_model(config.model, config.data.channels)
-    jax.eval_shape(lambda: sample.init_params(model, config, jax.random.key(0)))
+    jax.eval_shape(lambda: builders.init_params(model, config, jax.random.key(0)))
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_eval_mode_on_a_text_model(tmp_path):
 
 def _sampler(config, batch_size=4, guided=None):
   model = models.create_model(config.model, config.data.channels)
-  return sample.make_sample_fn(model, sample.make_schedule(config), config, batch_size,
+  return sample.make_sample_fn(model, builders.make_schedule(config), config, batch_size,
                                parallel.make_mesh(), guided=guided)
 
 

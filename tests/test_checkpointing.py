@@ -16,7 +16,7 @@ import pytest
 from orbax.checkpoint._src.handlers import pytree_checkpoint_handler as pytree_handler
 
 from configs import test as test_config
-from diffusion_jax import checkpointing, sample, train, workdir_lock
+from diffusion_jax import builders, checkpointing, train, workdir_lock
 from tests.conftest import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,7 @@ def test_wider_model_names_the_arrays_and_shapes(trained, tmp_path):
   assert _steps(copy) == [3, 6]
   # Sample mode on the edited config.json: the same clear error, from the EMA restore.
   with pytest.raises(checkpointing.CheckpointMismatchError) as err:
-    sample.restore_ema(checkpointing.load_config(copy), copy)
+    builders.restore_ema(checkpointing.load_config(copy), copy)
   assert "ema_params.conv_in.kernel: checkpoint [3, 3, 4, 32] float32" in str(err.value)
 
 
@@ -277,7 +277,7 @@ def test_sigterm_during_an_async_save_leaves_complete_steps(digits_dir, tmp_path
   monkeypatch.undo()
   assert int(state.step) == 4  # stopped after the next step, with a checkpoint
   assert checkpointing.Checkpointer(workdir).all_steps() == [3, 4]
-  model, params3, step3, _ = sample.restore_ema(config, workdir, 3)
+  model, params3, step3, _ = builders.restore_ema(config, workdir, 3)
   assert step3 == 3 and np.isfinite(jax.tree.leaves(params3)[0]).all()
   trainer = train.Trainer(config, workdir)
   resumed = trainer.restore_or_init()

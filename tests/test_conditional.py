@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (checkpointing, conditioning, config_lib, guidance, models, optim,
-                           parallel, sample, train)
+from diffusion_jax import (builders, checkpointing, conditioning, config_lib, guidance,
+                           models, optim, parallel, sample, train)
 from diffusion_jax.train_state import TrainState
 from tests.conftest import apply_overrides
 
@@ -53,7 +53,7 @@ def test_train_step_drops_labels_at_p_uncond(digits_dir):
   config = _cond_config(digits_dir, conditioning__p_uncond=0.2)
   spy, tx = _SpyModel(), optim.make_optimizer(config.optim, 10)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  step = train.make_train_step(spy, sample.make_schedule(config), tx, config, mesh)
+  step = train.make_train_step(spy, builders.make_schedule(config), tx, config, mesh)
   params = {"w": jnp.ones(())}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params={"w": jnp.ones(())},
                      opt_state=tx.init(params))
@@ -108,7 +108,7 @@ def test_guided_sampler_compiles_once_for_any_scale(digits_dir, tmp_path):
   guided = jax.jit(guidance.guided_denoiser(apply, lab, 10, 2.5))(x, t)
   np.testing.assert_allclose(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
 
-  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, 8, mesh, guided=True)
+  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, 8, mesh, guided=True)
   labels = np.arange(12) % 10
   scales = [1.0, 3.0, np.linspace(0.0, 5.0, 12)]  # scalars and a per-sample array
   outs = [sample.generate(fn, params, 12, 8, seed=0, labels=labels, guidance_scale=s)
@@ -119,7 +119,7 @@ def test_guided_sampler_compiles_once_for_any_scale(digits_dir, tmp_path):
   grid = sample.save_grid(str(tmp_path / "rows.png"), outs[1], labels)
   assert grid.shape[0] == 10 * 9 + 1  # one row per class: 8 px + 1 px padding each
   assert os.path.exists(tmp_path / "rows.png")
-  plain = sample.make_sample_fn(model, sample.make_schedule(config), config, 8, mesh,
+  plain = sample.make_sample_fn(model, builders.make_schedule(config), config, 8, mesh,
                                 guided=False)
   with pytest.raises(ValueError, match="built without guidance"):
     plain(params, jax.random.key(0), 0.0, labels[:8], 2.0)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import conditioning, config_lib, models, optim, parallel, sample, train
+from diffusion_jax import (builders, conditioning, config_lib, models, optim, parallel,
+                           sample, train)
 
 CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256",
            "digits_cond", "imagenet64_cond", "shapes_text_glide", "shapes_text_frozen",
@@ -21,7 +22,7 @@ def _load(name):
 
 def _param_count(config):
   model = models.create_model(config.model, config.data.channels)
-  shape = (1,) + sample.image_shape(config)
+  shape = (1,) + builders.image_shape(config)
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32),
       conditioning.init_cond(config), train=False))
@@ -61,7 +62,7 @@ def test_cifar10_config_runs_one_step_on_mocked_data():
     images = next(it)
   assert images["image"].shape == (batch, 32, 32, 3)
   state = train.create_train_state(model, tx, config, jax.random.key(0), mesh)
-  step = train.make_train_step(model, sample.make_schedule(config), tx, config, mesh)
+  step = train.make_train_step(model, builders.make_schedule(config), tx, config, mesh)
   state, stats = step(state, parallel.to_global(images, mesh), jax.random.key(1))
   assert int(state.step) == 1
   assert np.isfinite(float(stats["loss"])) and float(stats["loss"]) > 0.1

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (checkpointing, evaluate, input_pipeline, likelihood, models,
-                           parallel, sample, train)
+from diffusion_jax import (builders, checkpointing, evaluate, input_pipeline, likelihood,
+                           models, parallel, sample, train)
 from diffusion_jax.evaluation import digits_classifier, digits_quality, inception, stats
 from tests.test_evaluation import random_inception_weights
 
@@ -102,11 +102,11 @@ def _library_bits_per_dim(config, workdir):
   model = models.create_model(config.model, 1)
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   params, _ = ckpt.restore_ema_params(
-      sample.abstract_params(model, config, parallel.make_mesh(jax.devices()[:1])))
+      builders.abstract_params(model, config, parallel.make_mesh(jax.devices()[:1])))
   ckpt.close()
   x0 = next(input_pipeline.create_eval_iterator(config.data, 8))["image"]
   denoise = lambda x, t: model.apply({"params": params}, x, t, None, train=False)
-  return likelihood.bits_per_dim(denoise, sample.make_schedule(config), x0,
+  return likelihood.bits_per_dim(denoise, builders.make_schedule(config), x0,
                                  jax.random.fold_in(jax.random.key(config.eval.seed), 0))
 
 

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import test as test_config
-from diffusion_jax import checkpointing, models, optim, parallel, sample, train
+from diffusion_jax import builders, checkpointing, models, optim, parallel, train
 
 # FSDP changes how XLA partitions the step (gathers, reduce-scatters instead of
 # one all-reduce), so sums run in another order: equal up to float32 rounding.
@@ -150,7 +150,7 @@ def test_fsdp_checkpoint_restores_into_data_parallel_and_sample_mode(runs):
   mesh = parallel.make_mesh()
   ckpt = checkpointing.Checkpointer(runs["fsdp_dir"])
   state = ckpt.restore_latest(train.abstract_train_state(model, tx, config, mesh))
-  ema, step = ckpt.restore_ema_params(sample.abstract_params(model, config, mesh))
+  ema, step = ckpt.restore_ema_params(builders.abstract_params(model, config, mesh))
   ckpt.close()
   assert step == runs["steps"]
   assert all(leaf.sharding.spec == P() for leaf in jax.tree.leaves(state))

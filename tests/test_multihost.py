@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (checkpointing, input_pipeline, models, multihost, optim, parallel,
-                           sample, train)
+from diffusion_jax import (builders, checkpointing, input_pipeline, models, multihost,
+                           optim, parallel, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -63,7 +63,7 @@ class Reference:
     self.mesh = parallel.make_mesh()
     model = models.create_model(config.model, config.data.channels)
     tx = optim.make_optimizer(config.optim, config.training.num_train_steps)
-    self.step_fn = train.make_train_step(model, sample.make_schedule(config), tx, config,
+    self.step_fn = train.make_train_step(model, builders.make_schedule(config), tx, config,
                                          self.mesh)
     # The keys train_and_evaluate derives from the seed.
     key = jax.random.key(config.seed)

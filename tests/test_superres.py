@@ -10,8 +10,9 @@ from scipy import ndimage
 
 from configs import cascade as cascade_config
 from configs import test as test_config
-from diffusion_jax import (cascade, conditioning, config_lib, diffusion, input_pipeline,
-                           models, parallel, sample, schedules, superres, train)
+from diffusion_jax import (builders, cascade, conditioning, config_lib, diffusion,
+                           input_pipeline, models, parallel, sample, schedules, superres,
+                           train)
 from diffusion_jax.evaluation import image_metrics
 from tests.conftest import apply_overrides, perturbed_params
 
@@ -173,7 +174,7 @@ def test_conditioning_image_reaches_the_model_at_the_right_size_and_channels(mon
   config = _sr_config(model__low_res_upsample="nearest", model__ch_mult=(1,),
                       model__attn_resolutions=())  # one level: quick to compile
   model = models.create_model(config.model, 1)
-  params = jax.jit(lambda: sample.init_params(model, config, jax.random.key(0)))()
+  params = jax.jit(lambda: builders.init_params(model, config, jax.random.key(0)))()
   # conv_in sees x and the upsampled low-res image, after the 2x2 space-to-depth stem.
   assert params["conv_in"]["kernel"].shape == (3, 3, 2 * 2 * (1 + 1), 32)
   seen = []
@@ -245,7 +246,7 @@ def test_pipeline_gives_antialiased_low_res_pairs_flipped_together(digits_dir):
 
 def test_train_cond_levels_stay_in_range_and_blur_applies():
   config = _sr_config(superres__noise_aug_max=0.3, superres__blur_prob=1.0)
-  schedule = sample.make_schedule(config)  # T = 100: levels in {0, ..., 30}
+  schedule = builders.make_schedule(config)  # T = 100: levels in {0, ..., 30}
   low = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (512, 8, 8, 1)), jnp.float32)
   batch = {"image": jnp.zeros((512, 16, 16, 1)), "label": jnp.zeros((512,), jnp.int32),
            "low_res": low}
@@ -331,8 +332,8 @@ def test_sr_sampler_needs_low_res_of_the_right_shape(two_stages):
   config = cascade_config.get_config(",".join(two_stages)).stage_1
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, 1)
-  fn = sample.make_sample_fn(model, sample.make_schedule(config), config, 4, mesh)
-  params = sample.init_params(model, config, jax.random.key(0))
+  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, 4, mesh)
+  params = builders.init_params(model, config, jax.random.key(0))
   with pytest.raises(ValueError, match="needs low_res"):
     fn(params, jax.random.key(0), 0.0)
   with pytest.raises(ValueError, match=r"low_res must have shape \(4, 8, 8, 1\)"):

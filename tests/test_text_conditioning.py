@@ -8,8 +8,8 @@ import pytest
 
 from configs import cascade as cascade_config
 from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
-from diffusion_jax import (cascade, conditioning, config_lib, models, optim, parallel, sample,
-                           train)
+from diffusion_jax import (builders, cascade, conditioning, config_lib, models, optim,
+                           parallel, sample, train)
 from diffusion_jax.text import conditioner
 from tests.conftest import apply_overrides, perturbed_params
 
@@ -66,7 +66,7 @@ def test_frozen_encoder_has_no_parameters_or_optimizer_state_in_training():
       model, tx, config, jax.random.key(0), parallel.make_mesh()))
   n_state = sum(a.size for a in jax.tree.leaves(state.params))
   n_unet = sum(a.size for a in jax.tree.leaves(
-      jax.eval_shape(lambda: sample.init_params(model, config, jax.random.key(0)))))
+      jax.eval_shape(lambda: builders.init_params(model, config, jax.random.key(0)))))
   assert n_state == n_unet < 2_000_000  # all-MiniLM-L6-v2 alone has 22.7M
   sizes = {a.size for a in jax.tree.leaves((state.params, state.opt_state))}
   assert 30522 * 384 not in sizes  # no word-embedding table, nor Adam moments of one

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (checkpointing, input_pipeline, models, optim, parallel, sample,
-                           train)
+from diffusion_jax import (builders, checkpointing, input_pipeline, models, optim, parallel,
+                           sample, train)
 from tests.conftest import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +102,7 @@ def test_sharded_step_equals_single_device_and_compiles_once(digits_dir):
   config = _config(digits_dir, model__dropout=0.1)
   model = models.create_model(config.model, 1)
   tx = optim.make_optimizer(config.optim, 10)
-  schedule = sample.make_schedule(config)
+  schedule = builders.make_schedule(config)
   it = input_pipeline.create_train_iterator(config.data, 8, 0)
   batches = [next(it) for _ in range(3)]
   results = []
