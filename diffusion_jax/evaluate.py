@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import (builders, checkpointing, conditioning, config_lib,
-                           input_pipeline, likelihood, parallel, sample)
+                           default_config, input_pipeline, likelihood, parallel, sample)
 from diffusion_jax.evaluation import npz_io, stats
 
 METRICS = ("digits_fd", "fid", "is", "pr", "bpd")
@@ -44,18 +44,12 @@ IS_SPLITS = 10
 
 
 def with_eval_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds configs/default.py's `eval` section to a config saved before it existed."""
+  """Adds the default `eval` section to a config saved before it existed."""
   if "eval" in config:
     return config
-  try:
-    from configs import default  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError("This config has no `eval` section (saved by an older version?) and "
-                     "configs/default.py is not importable: run from the repository root "
-                     "or pass a --config that has one.") from e
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-  config.eval = default.get_config().eval
-  logging.info("The config has no eval section; using configs/default.py's.")
+  config.eval = default_config.get_config().eval
+  logging.info("The config has no eval section; using default_config.py's.")
   return config
 
 

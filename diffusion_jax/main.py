@@ -88,7 +88,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     detail = " ".join(str(e).encode().decode("unicode_escape").split()).replace("'", "")
     print(f"Bad command line: a --config override could not be applied ({detail}). "
           f"Overrides given: {' '.join(bad) or '(none)'}. Each must name a field of the "
-          "config file (see configs/default.py), e.g. --config.optim.lr=1e-4.",
+          "config file (see diffusion_jax/default_config.py), e.g. --config.optim.lr=1e-4.",
           file=sys.stderr)
     sys.exit(2)
 
