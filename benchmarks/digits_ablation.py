@@ -72,10 +72,10 @@ def _train(args, name: str, seed: int, workdir: str) -> float:
   return seconds
 
 
-def _score(args, clf, workdir: str, setting: str) -> dict:
-  config = checkpointing.load_config(workdir)
+def _score(args, clf, config, restored, setting: str) -> dict:
+  """One sampler setting on a run's restored (model, EMA params, step, mesh)."""
   method, num_steps, extra = quality_bench.parse_setting(setting)
-  model, params, step, mesh = builders.restore_ema(config, workdir)
+  model, params, step, mesh = restored
   start = time.perf_counter()
   images = quality_bench.draw(model, params, config, mesh, setting, args)
   seconds = time.perf_counter() - start
@@ -120,17 +120,18 @@ def main() -> None:
       if args.score_only and not os.path.exists(os.path.join(workdir, TRAIN_TIME_FILE)):
         continue
       train_seconds = _train(args, name, seed, workdir)
+      config = checkpointing.load_config(workdir)
       if clf is None:  # after the first run has built the data set
-        data_dir = checkpointing.load_config(workdir).data.data_dir
-        clf = digits_classifier.DigitsClassifier.load_or_train(data_dir)
+        clf = digits_classifier.DigitsClassifier.load_or_train(config.data.data_dir)
       with open(os.path.join(workdir, "metrics.jsonl")) as f:
         # The last logged window's mean; each variant's own loss (weighting, target).
         final_loss = [r["loss"] for r in map(json.loads, f) if "loss" in r][-1]
+      restored = builders.restore_ema(config, workdir)  # once for all settings
       for setting in args.settings.split(","):
         row = dict(variant=name, overrides=list(VARIANTS[name]), train_seed=seed,
                    train_seconds=round(train_seconds, 1), final_loss=float(final_loss),
                    num_samples=args.num_samples, sample_seed=args.seed,
-                   devices=jax.device_count(), **_score(args, clf, workdir, setting))
+                   devices=jax.device_count(), **_score(args, clf, config, restored, setting))
         print(json.dumps(row), flush=True)
 
 
