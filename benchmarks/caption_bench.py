@@ -29,10 +29,10 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import cascade as cascade_config
 from configs import from_workdir
-from diffusion_jax import builders, cascade, sample, xla_flags
+from diffusion_jax import builders, cascade, generation, xla_flags
+from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import shapes_checker
-from diffusion_jax.text import conditioner
 
 
 def test_captions(per_subset: int) -> tuple[list[str], np.ndarray]:
@@ -50,12 +50,12 @@ def sample_single(workdir: str, captions: list[str], scale: float, batch: int, s
   config = from_workdir.get_config(workdir)
   config.sample.num_steps = num_steps
   model, params, step, mesh = builders.restore_ema(config, workdir, step)
-  encode = conditioner.TextConditioner(config)
-  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, batch, mesh,
-                             guided=True)
-  images = sample.generate(fn, params, len(captions), batch, seed, 0.0,
-                           guidance_scale=scale, text=encode(captions),
-                           null_text=encode.null(1))
+  conditioning = Conditioning(config)
+  fn = generation.make_sample_fn(model, builders.make_schedule(config), config, batch, mesh,
+                                 guided=True, conditioning=conditioning)
+  images = generation.generate(fn, params, len(captions), batch, seed, 0.0,
+                               guidance_scale=scale,
+                               cond=conditioning.request(len(captions), captions=captions).cond)
   return images, step
 
 
@@ -70,7 +70,7 @@ def sample_cascade(workdirs: str, captions: list[str], scale: float, batch: int,
   c.captions = "@" + f.name
   for stage in cascade.stages(config):
     stage.sample.num_steps = num_steps
-    if stage.conditioning.type == "text":
+    if Conditioning(stage).guidable:
       stage.sample.guidance_scale = scale
   paths = cascade.sample_cascade(config, tempfile.mkdtemp())
   return np.load(paths[-1])["arr_0"]

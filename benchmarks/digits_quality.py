@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import builders, checkpointing, sample, xla_flags
+from diffusion_jax import builders, checkpointing, generation, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality, npz_io
 
 DEFAULT_SETTINGS = ("ancestral:1000,ddim:10,ddim:20,ddim:50,"
@@ -60,10 +60,10 @@ def draw(model, params, config, mesh, setting: str, args) -> np.ndarray:
   config.sample.method, config.sample.num_steps = method, num_steps
   for key, value in extra.items():
     config.sample[key] = value
-  sample_fn = sample.make_sample_fn(model, builders.make_schedule(config), config,
-                                    args.batch_size, mesh)
-  return sample.generate(sample_fn, params, args.num_samples, args.batch_size, args.seed,
-                         config.sample.eta)
+  sample_fn = generation.make_sample_fn(model, builders.make_schedule(config), config,
+                                        args.batch_size, mesh)
+  return generation.generate(sample_fn, params, args.num_samples, args.batch_size, args.seed,
+                             config.sample.eta)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import builders, checkpointing, guidance, sample, xla_flags
+from diffusion_jax import builders, checkpointing, generation, guidance, xla_flags
 from diffusion_jax.evaluation import digits_classifier, digits_quality
 
 
@@ -70,13 +70,13 @@ def main() -> None:
   k = config.model.num_classes
   n = k * args.per_class
   labels = guidance.parse_labels("all", k, n)
-  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, args.batch_size,
+  fn = generation.make_sample_fn(model, builders.make_schedule(config), config, args.batch_size,
                              mesh, guided=True)
   for scale in (float(s) for s in args.scales.split(",")):
     start = time.perf_counter()
     # The same seed at every scale: the same x_T, so only the guidance differs.
-    images = sample.generate(fn, params, n, args.batch_size, args.seed, labels=labels,
-                             guidance_scale=scale)
+    images = generation.generate(fn, params, n, args.batch_size, args.seed,
+                                 cond={"label": labels}, guidance_scale=scale)
     seconds = time.perf_counter() - start
     row = dict(benchmark="guidance_digits", guidance_scale=scale, step=step,
                num_samples=n, method=s.method, num_steps=s.num_steps, variance=s.variance,

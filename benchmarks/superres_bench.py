@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import from_workdir
-from diffusion_jax import builders, input_pipeline, metrics, sample
+from diffusion_jax import builders, generation, input_pipeline, metrics
 from diffusion_jax import superres, xla_flags
 from diffusion_jax.evaluation import image_metrics
 
@@ -69,9 +69,10 @@ def main():
     model, params, step, mesh = builders.restore_ema(config, workdir)
     for level in (float(x) for x in args.levels.split(",")):
       config.superres.sample_aug_level = level
-      fn = sample.make_sample_fn(model, builders.make_schedule(config), config, args.batch, mesh)
+      fn = generation.make_sample_fn(model, builders.make_schedule(config), config, args.batch,
+                                     mesh)
       start = time.perf_counter()
-      fake = sample.generate(fn, params, len(low), args.batch, 0, 0.0, low_res=low)
+      fake = generation.generate(fn, params, len(low), args.batch, 0, 0.0, cond={"low_res": low})
       print(json.dumps(_scores(
           "diffusion", fake, high, workdir=workdir, step=step,
           trained_noise_aug_max=config.superres.noise_aug_max, sample_aug_level=level,

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import superres_bench
 from configs import from_workdir
-from diffusion_jax import builders, conditioning, diffusion, metrics, samplers, xla_flags
+from diffusion_jax import builders, diffusion, metrics, samplers, xla_flags
+from diffusion_jax.conditioning import low_res
 from diffusion_jax.evaluation import image_metrics
 
 
@@ -65,8 +66,7 @@ def main():
   high, low = superres_bench.test_pairs(config, args.num_images)
   model, params, step, _ = builders.restore_ema(config, args.workdir)
   schedule = builders.make_schedule(config)
-  cond = conditioning.sample_low_res_cond(config, schedule, jnp.asarray(low),
-                                          jax.random.key(1))
+  cond = low_res.sample_low_res_cond(config, schedule, jnp.asarray(low), jax.random.key(1))
   denoise = jax.jit(lambda x, t: model.apply({"params": params}, x, t, cond, train=False))
   x0_true = jnp.asarray(high, jnp.float32) / 127.5 - 1.0
   for t_start in (int(s) for s in args.starts.split(",")):

@@ -5,7 +5,7 @@
       --config.cascade.num_samples=64 --config.stage_1.sample.num_steps=20
 
 `stage_i` is the config saved by the training run in the i-th workdir
-(missing sections from configs/default.py), so its sampler settings
+(missing fields take their defaults), so its sampler settings
 (`stage_i.sample.*`, `stage_i.superres.sample_aug_level`) can be overridden.
 Labels (`cascade.labels`, as `sample.labels`) go to every class-conditional
 stage. See diffusion_jax/cascade.py for what is written.

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import checkpointing, conditioning, models, parallel, schedules
+from diffusion_jax import checkpointing, models, parallel, schedules
+from diffusion_jax.conditioning import init_cond
 from diffusion_jax.schedules import Schedule
 
 
@@ -29,7 +30,7 @@ def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
   """The model's initial parameters, from a dummy batch of one image."""
   x = jnp.zeros((1,) + image_shape(config), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  return model.init(rng, x, t, conditioning.init_cond(config), train=False)["params"]
+  return model.init(rng, x, t, init_cond(config), train=False)["params"]
 
 
 def abstract_params(model, config: ml_collections.ConfigDict, mesh):

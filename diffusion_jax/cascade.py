@@ -10,7 +10,8 @@ Stage i > 0 is a super-resolution model whose `data.low_res_size` is stage
 i-1's `data.image_size`; it samples conditioned on stage i-1's output (as
 uint8, exactly what was written to disk), noise-augmented at its own
 `superres.sample_aug_level`. Labels (`cascade.labels`) and captions
-(`cascade.captions`) go to every stage that takes them.
+(`cascade.captions`, or the base's own `sample.labels` / `sample.captions`)
+go to every stage that takes them.
 
 Writes, under `<workdir>/samples/`: `<name>_stage<i>_<size>.npz` for each
 stage (arr_0 uint8 [N, S, S, C], plus `labels`) and `<name>.png`, one row
@@ -19,15 +20,15 @@ per sample with every stage side by side at the final size.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import builders, checkpointing, conditioning, config_lib, guidance, metrics
-from diffusion_jax import sample as sample_lib
+from diffusion_jax import builders, config_lib, generation, metrics, sample
+from diffusion_jax.conditioning import Conditioning
+from diffusion_jax.sample_io import save_samples
 
 
 def stages(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
@@ -45,12 +46,14 @@ def check_chain(stage_configs: list[ml_collections.ConfigDict]) -> None:
   if len(stage_configs) < 2:
     raise ValueError(f"A cascade needs a base and at least one super-resolution stage; got "
                      f"{len(stage_configs)} stage(s).")
-  if conditioning.is_superres(stage_configs[0]):
+  if Conditioning(stage_configs[0]).upsamples:
     raise ValueError("stage_0 is a super-resolution model (model.low_res_channels > 0); the "
                      "first stage must be a base model.")
+  base_inputs = set(Conditioning(stage_configs[0]).inputs)
   for i in range(1, len(stage_configs)):
     prev, cur = stage_configs[i - 1].data, stage_configs[i]
-    if not conditioning.is_superres(cur):
+    conditioning = Conditioning(cur)
+    if not conditioning.upsamples:
       raise ValueError(f"stage_{i} is not a super-resolution model (model.low_res_channels "
                        "= 0); every stage after the first must be one.")
     last = stage_configs[-1].data.image_size
@@ -62,68 +65,42 @@ def check_chain(stage_configs: list[ml_collections.ConfigDict]) -> None:
           f"The stages do not chain: stage_{i - 1} makes {prev.image_size}x{prev.image_size}x"
           f"{prev.channels} images, but stage_{i} upsamples {cur.data.low_res_size}x"
           f"{cur.data.low_res_size}x{cur.data.channels} (data.low_res_size, data.channels).")
-  for i, s in enumerate(stage_configs):
+    unmatched = [name for name in conditioning.shared_inputs if name not in base_inputs]
+    if unmatched:
+      raise ValueError(f"stage_{i} is conditioned on {conditioning.describe()}, but the base "
+                       f"(stage_0) takes no {', '.join(unmatched)}, so they would not match "
+                       "the base samples.")
+  for s in stage_configs:
     config_lib.validate(s)
 
 
-def cascade_labels(config: ml_collections.ConfigDict,
-                   stage_configs: list[ml_collections.ConfigDict]):
-  """int32 [N] labels for a class-conditional cascade, else None."""
-  c = config.cascade
-  num_classes = {s.model.num_classes for s in stage_configs if s.model.num_classes}
-  if not num_classes:
-    if str(c.labels).strip():
-      raise ValueError(f"cascade.labels={c.labels!r}, but no stage is class-conditional.")
-    return None
-  if len(num_classes) > 1:
-    raise ValueError(f"The class-conditional stages disagree on model.num_classes: "
-                     f"{sorted(num_classes)}.")
-  if not stage_configs[0].model.num_classes:
-    raise ValueError("A later stage is class-conditional but the base (stage_0) is not, so "
-                     "its labels would not match the base samples.")
-  return guidance.parse_labels(c.labels, num_classes.pop(), c.num_samples)
+def _with_cascade_request(config: ml_collections.ConfigDict,
+                          stage_configs: list[ml_collections.ConfigDict]) -> None:
+  """cascade.labels / cascade.captions, when set, become the base's sample request
+  (every later stage takes the base's labels and captions)."""
+  base = stage_configs[0].sample
+  for name in ("labels", "captions"):
+    spec = config.cascade[name]
+    if str(spec).strip():
+      base[name] = spec
 
 
-def cascade_captions(config: ml_collections.ConfigDict,
-                     stage_configs: list[ml_collections.ConfigDict]) -> Optional[list[str]]:
-  """The captions of a text-conditioned cascade (cascade.captions), else None."""
-  c = config.cascade
-  text_stages = [s for s in stage_configs if conditioning.is_text(s)]
-  if not text_stages:
-    if str(c.captions).strip():
-      raise ValueError(f"cascade.captions={c.captions!r}, but no stage is text-conditioned.")
-    return None
-  if not conditioning.is_text(stage_configs[0]):
-    raise ValueError("A later stage is text-conditioned but the base (stage_0) is not, so the "
-                     "captions would not match the base samples.")
-  spec = ml_collections.ConfigDict({"sample": {"captions": c.captions},
-                                    "conditioning": {"type": "text"}})
-  return sample_lib.sample_captions(spec, c.num_samples)
-
-
-def _stage_text(stage_config, captions) -> dict:
-  """generate()'s text arguments for a stage (empty unless it is text-conditioned)."""
-  if captions is None or not conditioning.is_text(stage_config):
-    return {}
-  from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
-  encode = conditioner.TextConditioner(stage_config)
-  return dict(text=encode(captions), null_text=encode.null(1))
-
-
-def _sample_stage(stage_config, workdir: str, labels, captions, low_res, num_samples: int,
-                  batch_size: int, seed: int) -> np.ndarray:
-  """uint8 [N, S, S, C] from one stage's latest (or configured) EMA parameters."""
-  checkpointing.check_compatible(workdir, stage_config)
-  sample_lib.check_sample_request(stage_config, checkpointing.load_config(workdir))
+def _sample_stage(stage_config, workdir: str, given: dict, num_samples: int,
+                  batch_size: int, seed: int):
+  """(uint8 [N, S, S, C], its Request) from one stage's latest (or configured) EMA
+  parameters; `given`: the base's labels and captions, the previous stage's images."""
+  conditioning = Conditioning(stage_config)
+  sample.check_request(stage_config, workdir, conditioning)
+  request = conditioning.request(
+      num_samples, **{k: v for k, v in given.items() if k in conditioning.inputs})
   model, params, step, mesh = builders.restore_ema(stage_config, workdir,
                                                    stage_config.sample.checkpoint_step)
   logging.info("Stage %s: EMA parameters of step %d", workdir, step)
-  fn = sample_lib.make_sample_fn(model, builders.make_schedule(stage_config), stage_config,
-                                 batch_size, mesh)
-  return sample_lib.generate(fn, params, num_samples, batch_size, seed,
-                             stage_config.sample.eta,
-                             labels=labels if stage_config.model.num_classes else None,
-                             low_res=low_res, **_stage_text(stage_config, captions))
+  fn = generation.make_sample_fn(model, builders.make_schedule(stage_config), stage_config,
+                                 batch_size, mesh, conditioning=conditioning)
+  images = generation.generate(fn, params, num_samples, batch_size, seed,
+                               stage_config.sample.eta, cond=request.cond)
+  return images, request
 
 
 def side_by_side(outputs: list[np.ndarray], max_rows: int = 16) -> np.ndarray:
@@ -146,22 +123,24 @@ def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]
     raise ValueError(f"cascade.num_samples and cascade.batch_size must be > 0, got "
                      f"{c.num_samples} and {c.batch_size}.")
   stage_configs = stages(config)
+  _with_cascade_request(config, stage_configs)
   check_chain(stage_configs)
-  labels = cascade_labels(config, stage_configs)
-  captions = cascade_captions(config, stage_configs)
-  outputs, low_res = [], None
+  outputs, given, labels, captions = [], {}, None, None
   for i, (stage_config, stage_dir) in enumerate(zip(stage_configs, c.workdirs)):
-    images = _sample_stage(stage_config, stage_dir, labels, captions, low_res, c.num_samples,
-                           c.batch_size, c.seed + i)
+    images, request = _sample_stage(stage_config, stage_dir, given, c.num_samples,
+                                    c.batch_size, c.seed + i)
     outputs.append(images)
-    low_res = images.astype(np.float32) / 127.5 - 1.0  # what the next stage conditions on
+    if i == 0:
+      labels, captions = request.labels, request.captions
+      given = {"labels": labels, "captions": captions}
+    given["low_res"] = images.astype(np.float32) / 127.5 - 1.0  # what the next stage takes
   if jax.process_index() != 0:
     return []
   out_dir = os.path.join(workdir, "samples")
   paths = []
   for i, images in enumerate(outputs):
     name = f"{c.name}_stage{i}_{images.shape[1]}"
-    paths.append(sample_lib.save_samples(out_dir, name, images, labels, captions))
+    paths.append(save_samples(out_dir, name, images, labels, captions))
   metrics.save_image_grid(os.path.join(out_dir, c.name + ".png"), side_by_side(outputs),
                           nrow=len(outputs), upscale=max(1, 64 // outputs[-1].shape[1]))
   logging.info("Wrote %d cascade samples per stage to %s", c.num_samples, out_dir)

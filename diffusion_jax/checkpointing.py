@@ -28,6 +28,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from diffusion_jax import config_lib
 from diffusion_jax.checkpoint_structure import (config_differences, describe_difference,
                                                 flatten, override_flag, tree_signature)
 from diffusion_jax.checkpoint_structure import subtree as _subtree
@@ -155,7 +156,8 @@ def _read_saved_config(workdir: str) -> dict:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved in a workdir, as a ConfigDict (lists become tuples).
+  """The config saved in a workdir (lists become tuples), laid over the defaults,
+  so a run saved by an older version has every field (config_lib.over_defaults).
 
   Raises:
     CheckpointError: no config.json, or one that is not a run config.
@@ -164,7 +166,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-  return ml_collections.ConfigDict(tuples(_read_saved_config(workdir)))
+  return config_lib.over_defaults(tuples(_read_saved_config(workdir)))
 
 
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -9,21 +9,14 @@ import warnings
 
 import ml_collections
 
-from diffusion_jax import diffusion, guidance, optim, samplers, schedules
-
-
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(f"Bad config: {message}")
-
-
-def _one_of(name: str, value, valid) -> None:
-  _require(value in valid, f"{name}={value!r}; valid values: {', '.join(map(str, valid))}.")
+from diffusion_jax import conditioning, default_config, diffusion, optim, samplers, schedules
+from diffusion_jax.config_checks import one_of as _one_of
+from diffusion_jax.config_checks import require as _require
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError("Bad config: ...") for the first bad value found."""
-  d, m, df, o, t = config.data, config.model, config.diffusion, config.optim, config.training
+  d, df, o, t = config.data, config.diffusion, config.optim, config.training
   _one_of("data.channels", d.channels, (1, 3))
   _require(d.image_size > 0, f"data.image_size must be > 0, got {d.image_size}.")
   _one_of("diffusion.schedule", df.schedule, schedules.SCHEDULE_NAMES)
@@ -41,8 +34,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"training.num_grid_samples must be > 0 when training grids are on (training."
            f"sample_every_steps={t.sample_every_steps}), got {t.num_grid_samples}.")
   _validate_optim(o)
-  validate_sample(config)
-  _require(m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}.")
+  validate_sample(config)  # with the conditioning, which owns its checks
   _validate_attention(config)
   pa = config.parallel
   _require(pa.fsdp_axis_size >= 1, f"parallel.fsdp_axis_size must be >= 1, got "
@@ -52,8 +44,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{pa.data_axis_size}.")
   _require(pa.fsdp_min_size >= 0, f"parallel.fsdp_min_size must be >= 0, got "
            f"{pa.fsdp_min_size}.")
-  _validate_conditioning(config)
-  _validate_superres(config)
+
+
+def over_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (a workdir's config.json, as a dict) laid over the defaults.
+
+  A run saved by an older version lacks the fields added since; each takes its
+  default, which is the behaviour that version had. Renamed fields are carried
+  over: `sample.clip_denoised` (before `sample.thresholding`) becomes "static"
+  or "none". Fields the defaults lack (sections of a cascade) are kept.
+  """
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  sample = saved.get("sample", {})
+  if "clip_denoised" in sample:
+    clip = sample.pop("clip_denoised")
+    sample.setdefault("thresholding", "static" if clip else "none")
+
+  def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+      both = isinstance(value, dict) and isinstance(base.get(key), dict)
+      out[key] = merge(base[key], value) if both else value
+    return out
+  return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), saved))
 
 
 def _validate_optim(o: ml_collections.ConfigDict) -> None:
@@ -82,10 +95,9 @@ def _validate_attention(config: ml_collections.ConfigDict) -> None:
   if m.patch_size < 1 or not m.ch_mult:
     return  # the model's own checks say what is wrong
   sizes = [d.image_size // m.patch_size // 2**i for i in range(len(m.ch_mult))]
-  names = ("attn_resolutions",) + (("cross_attn_resolutions",) if m.get("cross_attn_dim", 0)
-                                   else ())
+  names = ("attn_resolutions",) + (("cross_attn_resolutions",) if m.cross_attn_dim else ())
   for name in names:
-    bad = [r for r in m.get(name, ()) if r not in sizes]
+    bad = [r for r in m[name] if r not in sizes]
     if bad:
       warnings.warn(f"model.{name}={tuple(m[name])} names feature-map size(s) {bad} the "
                     f"U-Net does not have, so they add no attention; its sizes are {sizes} "
@@ -94,10 +106,8 @@ def _validate_attention(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_sample(config: ml_collections.ConfigDict) -> None:
-  """The `sample` section alone: what sample and eval modes check before any work.
-
-  Configs saved by older versions may lack some fields; those are not checked.
-  """
+  """What sample and eval modes check before any work: the `sample` section and
+  the conditioning it asks of the model (labels, captions, guidance)."""
   s, steps = config.sample, config.diffusion.num_timesteps
   _one_of("sample.method", s.method, samplers.METHODS)
   _one_of("sample.variance", s.variance, diffusion.VARIANCES)
@@ -108,91 +118,13 @@ def validate_sample(config: ml_collections.ConfigDict) -> None:
            "sample.method=dpm_solver++ needs sample.num_steps >= 2.")
   _require(s.num_samples > 0 and s.batch_size > 0,
            "sample.num_samples and sample.batch_size must be > 0.")
-  eta, step = s.get("eta", 0.0), s.get("checkpoint_step", -1)
-  _require(eta >= 0.0, f"sample.eta must be >= 0 (0 is deterministic DDIM), got {eta}.")
-  _require(step >= -1, f"sample.checkpoint_step must be a step or -1 (the latest), got {step}.")
-  if "thresholding" in s:
-    _one_of("sample.thresholding", s.thresholding, samplers.THRESHOLDINGS)
-  percentile = s.get("dynamic_threshold_percentile", 99.5)
-  _require(0.0 < percentile <= 100.0,
-           f"sample.dynamic_threshold_percentile must be in (0, 100], got {percentile}.")
-  scale = s.get("guidance_scale", 1.0)
-  _require(scale >= 0.0, f"sample.guidance_scale must be >= 0, got {scale}.")
-
-
-def _validate_superres(config: ml_collections.ConfigDict) -> None:
-  """A super-resolution stage: data pairs, model input and augmentation agree."""
-  d, m, sr = config.data, config.model, config.superres
-  # .get: configs saved before super-resolution stages existed lack these fields.
-  size, channels = d.get("low_res_size", 0), m.get("low_res_channels", 0)
-  _require(bool(size) == bool(channels),
-           f"data.low_res_size={size} and model.low_res_channels={channels}: a "
-           "super-resolution stage sets both (low_res_channels = data.channels), a base model "
-           "neither.")
-  if not size:
-    return
-  _require(0 < size < d.image_size, f"data.low_res_size={size} must lie in (0, "
-           f"data.image_size={d.image_size}).")
-  _require(channels == d.channels, f"model.low_res_channels={channels} "
-           f"must equal data.channels={d.channels} (the low-resolution image's channels).")
-  for name in ("noise_aug_max", "sample_aug_level", "blur_prob"):
-    _require(0.0 <= sr[name] <= 1.0, f"superres.{name} must lie in [0, 1], got {sr[name]}.")
-  _require(0.0 <= sr.blur_sigma_min <= sr.blur_sigma_max,
-           f"superres.blur_sigma_min={sr.blur_sigma_min} and blur_sigma_max="
-           f"{sr.blur_sigma_max} must satisfy 0 <= min <= max.")
-
-
-def _validate_text(config: ml_collections.ConfigDict) -> None:
-  """Text conditioning: captions in the data, an encoder the model matches."""
-  c, m, d, s = config.conditioning, config.model, config.data, config.sample
-  if c.type != "text":
-    _require(m.name != "text_unet", "model.name='text_unet' needs conditioning.type='text'.")
-    _require(not d.get("caption_key", ""), f"data.caption_key={d.get('caption_key')!r} reads "
-             "captions, but the model is not text-conditioned (conditioning.type="
-             f"{c.type!r}); set data.caption_key='' or conditioning.type='text'.")
-    _require(not str(s.get("captions", "")).strip(),
-             f"sample.captions={s.captions!r}, but the model is not text-conditioned "
-             f"(conditioning.type={c.type!r}); it cannot follow captions.")
-    return
-  _require(bool(d.caption_key), "conditioning.type='text' needs data.caption_key (the "
-           "caption feature, e.g. 'caption' for the shapes data set).")
-  _one_of("conditioning.text_encoder", c.text_encoder, ("trained", "frozen"))
-  want = "text_unet" if c.text_encoder == "trained" else "unet"
-  _require(m.name == want, f"conditioning.text_encoder={c.text_encoder!r} needs "
-           f"model.name={want!r}, got {m.name!r}.")
-  _require(m.cross_attn_dim > 0 and m.cond_vector_dim > 0,
-           "A text-conditioned model needs model.cross_attn_dim and model.cond_vector_dim "
-           "> 0 (the text encoder's width).")
-  _require(m.num_classes == 0, "A text-conditioned model takes no class labels "
-           "(model.num_classes = 0).")
-  _one_of("conditioning.frozen_encoder_dtype", c.get("frozen_encoder_dtype", "float32"),
-          ("float32", "bfloat16"))
-  length = m.text_max_length if c.text_encoder == "trained" else c.text_max_length
-  _require(length >= 3, f"The text context must hold at least 3 tokens (begin, one, end); "
-           f"got {length} (model.text_max_length for 'trained', conditioning.text_max_length "
-           "for 'frozen').")
-
-
-def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
-  """Conditioning and the guided-sampling fields (issue 6)."""
-  c, m, d, s = config.conditioning, config.model, config.data, config.sample
-  _one_of("conditioning.type", c.type, ("none", "class", "text"))
-  _validate_text(config)
-  _require(0.0 <= c.p_uncond < 1.0, f"conditioning.p_uncond must be in [0, 1), got {c.p_uncond}.")
-  if c.type == "class":
-    _require(d.num_classes > 0 and m.num_classes == d.num_classes,
-             f"conditioning.type='class' needs model.num_classes == data.num_classes > 0; "
-             f"got model.num_classes={m.num_classes}, data.num_classes={d.num_classes}.")
-  else:
-    _require(m.num_classes == 0, f"model.num_classes={m.num_classes} builds a class-conditional "
-             "model: set conditioning.type='class' (or model.num_classes=0).")
-  _require(s.guidance_scale == 1.0 or (c.type != "none" and c.p_uncond > 0.0),
-           f"sample.guidance_scale={s.guidance_scale} needs a class- or text-conditional model "
-           "trained with conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise.")
-  if str(s.labels).strip():
-    _require(c.type == "class", f"sample.labels={s.labels!r} needs conditioning.type='class'; "
-             "an unconditional model cannot generate chosen classes.")
-    try:
-      guidance.parse_labels(s.labels, m.num_classes, 1)
-    except ValueError as e:
-      _require(False, str(e))
+  _require(s.eta >= 0.0, f"sample.eta must be >= 0 (0 is deterministic DDIM), got {s.eta}.")
+  _require(s.checkpoint_step >= -1, f"sample.checkpoint_step must be a step or -1 (the "
+           f"latest), got {s.checkpoint_step}.")
+  _one_of("sample.thresholding", s.thresholding, samplers.THRESHOLDINGS)
+  _require(0.0 < s.dynamic_threshold_percentile <= 100.0,
+           f"sample.dynamic_threshold_percentile must be in (0, 100], got "
+           f"{s.dynamic_threshold_percentile}.")
+  _require(s.guidance_scale >= 0.0, f"sample.guidance_scale must be >= 0, got "
+           f"{s.guidance_scale}.")
+  conditioning.validate(config)

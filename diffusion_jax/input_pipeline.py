@@ -69,6 +69,16 @@ def split_info(data_config: ml_collections.ConfigDict,
                    tuple(builder.info.features["image"].shape))
 
 
+def check_split(data_config: ml_collections.ConfigDict, split: str, field: str) -> None:
+  """Raises ValueError naming the config field when the data set lacks `split`."""
+  try:
+    split_info(data_config, split)
+  except ValueError as e:
+    if "split" not in str(e).lower():
+      raise
+    raise ValueError(f"{field}={split!r}: {e}") from e
+
+
 def _num_classes(builder: tfds.core.DatasetBuilder) -> int:
   features = builder.info.features
   if "label" in features and isinstance(features["label"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import (builders, checkpointing, conditioning, config_lib, diffusion,
+from diffusion_jax import (builders, checkpointing, config_lib, diffusion, generation,
                            input_pipeline, metrics, models, optim, parallel, preemption,
-                           sample, sample_io, workdir_lock)
+                           sample_io, workdir_lock)
+from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
 # Purposes folded into the root key, so each stream of randomness is separate.
@@ -63,19 +64,18 @@ def abstract_train_state(model, tx, config, mesh) -> TrainState:
 
 def make_train_step(model, schedule, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh,
-                    null_text: Optional[dict] = None) -> Callable:
+                    conditioning: Optional[Conditioning] = None) -> Callable:
   """A jitted (state, batch, key) -> (state, metrics) over the mesh.
 
   Algorithm 1 on a global batch: t uniform, the chosen loss, an optax update,
   then the EMA. The randomness of step n is fold_in(key, n), so a resumed run
-  draws what an uninterrupted one would. The old state is donated. With
-  conditioning.type == "class" the batch's labels condition the model, each
-  replaced by the null class with probability conditioning.p_uncond; a
-  super-resolution stage also gets the batch's augmented low-resolution image
-  (conditioning.train_cond). A text-conditioned model needs `null_text`, the
-  empty caption's arrays [1, ...] (text/conditioner.py).
+  draws what an uninterrupted one would. The old state is donated. The
+  model's conditioning comes from the batch (`Conditioning.train`: labels or
+  captions dropped at conditioning.p_uncond, a super-resolution stage's
+  low-resolution image augmented); pass the run's `conditioning` to share its
+  text encoder.
   """
-  step_fn = train_step_fn(model, schedule, tx, config, null_text)
+  step_fn = train_step_fn(model, schedule, tx, config, conditioning)
   rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
   state_sh = state_shardings(model, tx, config, mesh)
   return jax.jit(step_fn, in_shardings=(state_sh, data, rep), out_shardings=(state_sh, rep),
@@ -84,14 +84,15 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
 
 def train_step_fn(model, schedule, tx: optax.GradientTransformation,
                   config: ml_collections.ConfigDict,
-                  null_text: Optional[dict] = None) -> Callable:
+                  conditioning: Optional[Conditioning] = None) -> Callable:
   """The un-jitted step of `make_train_step` (benchmarks wrap it differently)."""
   df, o = config.diffusion, config.optim
+  conditioning = conditioning or Conditioning(config)
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array):
     rng = jax.random.fold_in(key, state.step)
     dropout_rng, diffusion_rng = jax.random.split(rng)
-    cond = conditioning.train_cond(config, schedule, batch, rng, null_text)
+    cond = conditioning.train(batch, rng, schedule)
 
     def loss_fn(params):
       def denoise_fn(x, t):
@@ -132,13 +133,9 @@ class Trainer:
         config.data, config.training.batch_size, config.seed)
     self.ckpt = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints,
                                            writer=True)
-    self.text, null_text = None, None
-    if conditioning.is_text(config):
-      from diffusion_jax.text import conditioner  # pylint: disable=g-import-not-at-top
-      self.text = conditioner.TextConditioner(config)
-      null_text = self.text.null(1)
+    self.conditioning = Conditioning(config)
     self.train_step = make_train_step(self.model, self.schedule, self.tx, config, self.mesh,
-                                      null_text)
+                                      self.conditioning)
     self.writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
     self._grid_fn, self._grid_inputs = None, None
 
@@ -146,12 +143,8 @@ class Trainer:
     """The next global batch on the mesh; captions become text arrays here."""
     batch = next(self.data_iter)
     if self._grid_inputs is None:  # training grids condition on the first batch's inputs
-      self._grid_inputs = {k: batch[k] for k in ("low_res", "caption") if k in batch}
-    if "caption" in batch:
-      captions = batch.pop("caption")
-      if self.text is not None:
-        batch.update(self.text(captions))
-    return parallel.to_global(batch, self.mesh)
+      self._grid_inputs = self.conditioning.sample_inputs(batch)
+    return parallel.to_global(self.conditioning.prepare_batch(batch), self.mesh)
 
   def restore_or_init(self, allow_fresh_start: bool = False) -> TrainState:
     """The latest checkpoint's state, or a new one if the workdir has none.
@@ -184,40 +177,35 @@ class Trainer:
     n = t.num_grid_samples
     n = -(-n // self.mesh.devices.size) * self.mesh.devices.size  # whole devices
     if self._grid_fn is None:
-      self._grid_fn = sample.make_sample_fn(self.model, self.schedule, self.config, n, self.mesh)
+      self._grid_fn = generation.make_sample_fn(self.model, self.schedule, self.config, n,
+                                                self.mesh, conditioning=self.conditioning)
     rng = jax.random.fold_in(jax.random.fold_in(self.key, _GRID), step)
-    labels = sample.sample_labels(self.config, n)  # None for an unconditional model
-    inputs, captions = self._grid_cond(n)
+    request = self._grid_request(n)
     images = metrics.to_uint8(parallel.to_host(
-        self._grid_fn(state.ema_params, rng, jnp.float32(self.config.sample.eta), labels,
-                      **inputs)))
+        self._grid_fn(state.ema_params, rng, request.cond)))
     if jax.process_index() == 0:
       grid_dir = os.path.join(self.workdir, "grids")
       os.makedirs(grid_dir, exist_ok=True)
       path = os.path.join(grid_dir, f"step_{step:08d}.png")
-      if captions:
-        grid = sample_io.save_captioned_grid(path, images, captions)
+      if request.captions:
+        grid = sample_io.save_captioned_grid(path, images, request.captions)
       else:  # one class per row when class-conditional
-        grid = sample.save_grid(path, images, labels)
+        grid = sample_io.save_grid(path, images, request.labels)
       self.writer.write_images(step, "ema_samples", grid)
 
-  def _grid_cond(self, n: int) -> tuple[dict, list]:
-    """Sampler inputs of a training grid: the first batch's low-res images and
-    captions (process 0's, so every host samples the same; after a restart, the
-    first batch after it), cycled to n; and the captions (empty if none)."""
-    inputs, captions = {}, []
+  def _grid_request(self, n: int):
+    """The request of a training grid: `config.sample`'s labels, and the first
+    batch's low-res images and captions (process 0's, so every host samples the
+    same; after a restart, the first batch after it), cycled to n."""
+    given = {}
     for key, values in (self._grid_inputs or {}).items():
       idx = np.arange(n) % len(values)
-      if key == "low_res":
-        inputs["low_res"] = values[idx]
-      else:
-        captions = [c.decode("utf-8") for c in values[idx]]
-    if captions and self.text is not None:
-      inputs.update(text=self.text(captions), null_text=self.text.null(1))
-    if jax.process_count() > 1:
+      given[key] = [values[i] for i in idx] if isinstance(values, list) else values[idx]
+    request = self.conditioning.request(n, **given)
+    if jax.process_count() > 1 and request.cond is not None:
       # Each host read its own first batch; the sampler needs one input everywhere.
-      inputs = multihost_utils.broadcast_one_to_all(inputs)
-    return inputs, captions
+      request.cond = multihost_utils.broadcast_one_to_all(request.cond)
+    return request
 
 
 def _check_finite(step: int, stats: dict, last_saved: Optional[int]) -> None:

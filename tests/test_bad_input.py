@@ -19,8 +19,9 @@ from configs import cascade as cascade_config
 from configs import from_workdir, shapes_sr32, shapes_text_glide
 from configs import test as test_config
 from diffusion_jax import (builders, cascade, checkpointing, config_lib, evaluate, guidance,
-                           models, parallel, sample, train)
+                           generation, models, parallel, sample, train)
 from diffusion_jax.evaluation import inception, npz_io, precision_recall, stats
+from diffusion_jax.conditioning import Conditioning
 from tests.conftest import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,11 +210,12 @@ SAMPLE_ROWS = {
                        "Bad config: sample.method='euler'"),
     "guidance_on_unconditional_checkpoint": (
         {"sample__guidance_scale": 3.0}, ValueError,
-        "sample.guidance_scale=3.0 needs a class- or text-conditional model; this one is "
-        "unconditional. Use 1.0."),
+        "sample.guidance_scale=3.0 needs a class- or text-conditional model trained with "
+        "conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise."),
     "labels_on_unconditional_checkpoint": (
         {"sample__labels": "7"}, ValueError,
-        "sample.labels='7' was given, but the model is unconditional (model.num_classes = 0)"),
+        "sample.labels='7' needs conditioning.type='class'; an unconditional model cannot "
+        "generate chosen classes."),
     "missing_checkpoint_step": ({"sample__checkpoint_step": 5}, checkpointing.CheckpointError,
                                 "No checkpoint step 5 in "),
     "batch_not_divisible": ({"sample__batch_size": 6}, ValueError,
@@ -237,8 +239,10 @@ def test_sample_mode_without_checkpoints(run, tmp_path):
 
 
 def test_sample_mode_on_a_super_resolution_stage(tmp_path):
-  with pytest.raises(ValueError, match=re.escape("This is a super-resolution stage: it "
-                                                 "samples from a low-resolution image")):
+  with pytest.raises(ValueError, match=re.escape("A super-resolution stage needs low_res, "
+                                                 "float [64, 16, 16, 3] in [-1, 1] (the "
+                                                 "previous stage's samples): sample it in a "
+                                                 "cascade")):
     sample.sample_and_save(shapes_sr32.get_config(), str(tmp_path))
 
 
@@ -249,7 +253,8 @@ def _weights(files, **overrides):
 EVAL_ROWS = {
     "labels_on_unconditional_checkpoint": (
         lambda f: {"sample__labels": "7"}, ValueError,
-        "sample.labels='7' was given, but the model is unconditional"),
+        "sample.labels='7' needs conditioning.type='class'; an unconditional model cannot "
+        "generate chosen classes."),
     "guidance_on_unconditional_checkpoint": (
         lambda f: {"sample__guidance_scale": 2.0}, ValueError,
         "sample.guidance_scale=2.0 needs a class- or text-conditional model"),
@@ -258,7 +263,8 @@ EVAL_ROWS = {
     "no_metrics": (lambda f: {"eval__metrics": ()}, ValueError,
                    "config.eval.metrics is empty: nothing to compute"),
     "unknown_metric": (lambda f: {"eval__metrics": ("fid", "kid")}, ValueError,
-                       "Unknown eval metric(s) ['kid']; valid: digits_fd, fid, is, pr, bpd."),
+                       "Unknown eval metric(s) ['kid']; valid: digits_fd, caption_accuracy, "
+                       "psnr_ssim, fid, is, pr, bpd."),
     "one_sample": (lambda f: {"eval__num_samples": 1}, ValueError,
                    "config.eval.num_samples must be >= 2"),
     "batch_not_divisible": (lambda f: {"eval__batch_size": 6}, ValueError,
@@ -324,12 +330,6 @@ def test_eval_mode_without_checkpoints(run, tmp_path):
     evaluate.evaluate(_config(run), str(tmp_path))
 
 
-def test_eval_mode_on_a_text_model(tmp_path):
-  with pytest.raises(ValueError, match="Eval mode scores unconditional and class-conditional "
-                                       "models.*benchmarks/caption_bench.py"):
-    evaluate.evaluate(shapes_text_glide.get_config(), str(tmp_path))
-
-
 # ---------------------------------------------------------------------------
 # Library calls: the sampler, generate(), labels, captions (no parameters
 # needed: every check runs on the host before the jitted sampler).
@@ -337,29 +337,33 @@ def test_eval_mode_on_a_text_model(tmp_path):
 
 def _sampler(config, batch_size=4, guided=None):
   model = models.create_model(config.model, config.data.channels)
-  return sample.make_sample_fn(model, builders.make_schedule(config), config, batch_size,
-                               parallel.make_mesh(), guided=guided)
+  return generation.make_sample_fn(model, builders.make_schedule(config), config, batch_size,
+                                   parallel.make_mesh(), guided=guided)
 
 
-def _call(kind, **kwargs):
-  return lambda: _sampler(_base(kind))(None, jax.random.key(0), 0.0, **kwargs)
+def _call(kind, cond=None, guidance_scale=None):
+  return lambda: _sampler(_base(kind))(None, jax.random.key(0), cond, guidance_scale)
 
 
 def _generate(kind, num_samples=8, batch_size=4, built=4, guided=None, **kwargs):
-  return lambda: sample.generate(_sampler(_base(kind), built, guided), None, num_samples,
-                                 batch_size, seed=0, **kwargs)
+  return lambda: generation.generate(_sampler(_base(kind), built, guided), None, num_samples,
+                                     batch_size, seed=0, **kwargs)
 
 
 def _sr_call(low_res_shape):
   config = shapes_sr32.get_config()
-  return lambda: _sampler(config)(None, jax.random.key(0), 0.0,
-                                  low_res=np.zeros(low_res_shape, np.float32))
+  return lambda: _sampler(config)(None, jax.random.key(0),
+                                  {"low_res": np.zeros(low_res_shape, np.float32)})
+
+
+def _request(kind, **given):
+  return lambda: Conditioning(_base(kind)).request(4, **given)
 
 
 def _captions(spec):
   config = shapes_text_glide.get_config()
   config.sample.captions = spec
-  return lambda: sample.sample_captions(config, 4)
+  return lambda: Conditioning(config).request(4)
 
 
 CALL_ROWS = {
@@ -368,34 +372,51 @@ CALL_ROWS = {
     "generate_batch_differs_from_sampler": (
         _generate("uncond", batch_size=8), ValueError,
         "batch_size=8, but the sampler was built for batches of 4"),
-    "labels_wrong_length": (_generate("class", labels=np.arange(5)), ValueError,
-                            "labels has 5 entries for 8 samples."),
+    "labels_wrong_length": (_generate("class", cond={"label": np.arange(5)}), ValueError,
+                            "cond['label'] has 5 entries for 8 samples."),
     "guidance_scales_wrong_length": (
-        _generate("class", guided=True, labels=np.arange(8), guidance_scale=np.ones(5)),
+        _generate("class", guided=True, cond={"label": np.arange(8)},
+                  guidance_scale=np.ones(5)),
         ValueError, "guidance_scale has 5 entries for 8 samples."),
-    "labels_float": (_call("class", labels=np.full(4, 1.5)), ValueError,
+    "labels_float": (_call("class", {"label": np.full(4, 1.5)}), ValueError,
                      "labels must be integer class indices, got dtype float64"),
-    "labels_strings": (_call("class", labels=np.array(["cat"] * 4)), ValueError,
+    "labels_strings": (_call("class", {"label": np.array(["cat"] * 4)}), ValueError,
                        "labels must be integer class indices, got dtype <U3"),
-    "labels_out_of_range": (_call("class", labels=np.array([0, 1, 2, 11])), ValueError,
+    "labels_out_of_range": (_call("class", {"label": np.array([0, 1, 2, 11])}), ValueError,
                             "Label 11 is out of range: this model has 10 classes, 0 to 9 "
                             "(10 is the null class)."),
-    "labels_2d": (_call("class", labels=np.zeros((4, 1), np.int32)), ValueError,
+    "labels_2d": (_call("class", {"label": np.zeros((4, 1), np.int32)}), ValueError,
                   "labels must have shape [4], got (4, 1)."),
-    "labels_to_unconditional_sampler": (_call("uncond", labels=np.zeros(4, np.int32)),
-                                        ValueError, "Labels were given, but the model is "
-                                        "unconditional"),
-    "guidance_to_unguided_sampler": (_call("class", guidance_scale=2.0), ValueError,
+    "class_model_without_labels": (_call("class"), ValueError,
+                                   "The model is conditioned on class labels: cond lacks "
+                                   "['label']; build it with Conditioning(config).request"),
+    "labels_to_unconditional_sampler": (_call("uncond", {"label": np.zeros(4, np.int32)}),
+                                        ValueError, "cond holds ['label'], but the model is "
+                                        "conditioned on nothing (unconditional)."),
+    "labels_to_unconditional_request": (_request("uncond", labels=np.zeros(4, np.int32)),
+                                        ValueError, "labels was given, but the model is "
+                                        "conditioned on nothing (unconditional)."),
+    "guidance_to_unguided_sampler": (_call("class", {"label": np.zeros(4, np.int32)}, 2.0),
+                                     ValueError,
                                      "This sampler was built without guidance (guided=False)"),
-    "low_res_to_base_model": (_call("uncond", low_res=np.zeros((4, 8, 8, 1))), ValueError,
-                              "low_res was given, but the model is not a super-resolution "
-                              "stage"),
+    "guidance_to_unconditional_sampler": (_call("uncond", None, 2.0), ValueError,
+                                          "sample.guidance_scale=2.0 needs a class- or "
+                                          "text-conditional model"),
+    "low_res_to_base_model": (_call("uncond", {"low_res": np.zeros((4, 8, 8, 1))}),
+                              ValueError, "cond holds ['low_res'], but the model is "
+                              "conditioned on nothing"),
     "low_res_wrong_shape": (_sr_call((4, 8, 8, 3)), ValueError,
                             "low_res must have shape (4, 16, 16, 3) (data.low_res_size=16), "
                             "got (4, 8, 8, 3)."),
-    "text_to_unconditional_sampler": (_call("uncond", text={"tokens": np.zeros((4, 2))}),
-                                      ValueError, "Captions (text) were given, but the model "
-                                      "is not text-conditioned"),
+    "low_res_missing_in_request": (lambda: Conditioning(shapes_sr32.get_config()).request(4),
+                                   ValueError, "A super-resolution stage needs low_res, float "
+                                   "[4, 16, 16, 3]"),
+    "text_to_unconditional_sampler": (_call("uncond", {"tokens": np.zeros((4, 2))}),
+                                      ValueError, "cond holds ['tokens'], but the model is "
+                                      "conditioned on nothing"),
+    "captions_to_class_request": (_request("class", captions=["a red circle"] * 4), ValueError,
+                                  "captions was given, but the model is conditioned on class "
+                                  "labels."),
     "parse_labels_floats": (lambda: guidance.parse_labels([1.5, 2.0], 10, 4), ValueError,
                             "Labels must be integer class indices, got [1.5, 2.0]"),
     "caption_file_missing": (_captions("@no_such_captions.txt"), FileNotFoundError,
@@ -503,8 +524,15 @@ CASCADE_ROWS = {
                                                     model__low_res_channels=1)]),
         "The stages do not chain: stage_0 makes 16x16x1 images, but stage_1 upsamples 8x8x1"),
     "labels_without_class_stage": (
-        lambda: cascade.cascade_labels(_cascade(labels="3"), cascade.stages(_cascade())),
-        "cascade.labels='3', but no stage is class-conditional."),
+        lambda: cascade.sample_cascade(_cascade(labels="3"), "out"),
+        "sample.labels='3' needs conditioning.type='class'; an unconditional model cannot "
+        "generate chosen classes."),
+    "class_upsampler_without_class_base": (
+        lambda: cascade.check_chain([_base(), apply_overrides(
+            _base("class"), data__image_size=32, data__low_res_size=16,
+            model__low_res_channels=1)]),
+        "stage_1 is conditioned on class labels and a low-resolution image, but the base "
+        "(stage_0) takes no labels, so they would not match the base samples."),
 }
 
 

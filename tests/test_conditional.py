@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (builders, checkpointing, conditioning, config_lib, guidance,
-                           models, optim, parallel, sample, train)
+from diffusion_jax import (builders, checkpointing, conditioning, config_lib, generation,
+                           guidance, models, optim, parallel, sample, sample_io, train)
 from diffusion_jax.train_state import TrainState
 from tests.conftest import apply_overrides
 
@@ -108,21 +108,22 @@ def test_guided_sampler_compiles_once_for_any_scale(digits_dir, tmp_path):
   guided = jax.jit(guidance.guided_denoiser(apply, lab, 10, 2.5))(x, t)
   np.testing.assert_allclose(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
 
-  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, 8, mesh, guided=True)
+  fn = generation.make_sample_fn(model, builders.make_schedule(config), config, 8, mesh,
+                                 guided=True)
   labels = np.arange(12) % 10
   scales = [1.0, 3.0, np.linspace(0.0, 5.0, 12)]  # scalars and a per-sample array
-  outs = [sample.generate(fn, params, 12, 8, seed=0, labels=labels, guidance_scale=s)
-          for s in scales]
+  outs = [generation.generate(fn, params, 12, 8, seed=0, cond={"label": labels},
+                              guidance_scale=s) for s in scales]
   assert fn.jitted._cache_size() == 1
   assert all(o.shape == (12, 8, 8, 1) for o in outs)
   assert not np.array_equal(outs[0], outs[1])
-  grid = sample.save_grid(str(tmp_path / "rows.png"), outs[1], labels)
+  grid = sample_io.save_grid(str(tmp_path / "rows.png"), outs[1], labels)
   assert grid.shape[0] == 10 * 9 + 1  # one row per class: 8 px + 1 px padding each
   assert os.path.exists(tmp_path / "rows.png")
-  plain = sample.make_sample_fn(model, builders.make_schedule(config), config, 8, mesh,
-                                guided=False)
+  plain = generation.make_sample_fn(model, builders.make_schedule(config), config, 8, mesh,
+                                    guided=False)
   with pytest.raises(ValueError, match="built without guidance"):
-    plain(params, jax.random.key(0), 0.0, labels[:8], 2.0)
+    plain(params, jax.random.key(0), {"label": labels[:8]}, 2.0)
 
 
 def test_class_index_out_of_range(cond_run):
@@ -165,8 +166,9 @@ def test_config_errors(digits_dir):
     train.Trainer(bad, "/nonexistent/never/written")
   with pytest.raises(ValueError, match="set conditioning.type='class'"):
     config_lib.validate(_cond_config(digits_dir, conditioning__type="none"))
-  with pytest.raises(ValueError, match="conditioning.type='text'"):
-    config_lib.validate(_cond_config(digits_dir, conditioning__type="text"))
+  with pytest.raises(ValueError, match="conditioning.type='text' needs data.caption_key"):
+    config_lib.validate(_cond_config(digits_dir, conditioning__type="text",
+                                     model__num_classes=0))
   with pytest.raises(ValueError, match="p_uncond must be in"):
     config_lib.validate(_cond_config(digits_dir, conditioning__p_uncond=1.0))
   with pytest.raises(ValueError, match="Class index 11"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import (builders, conditioning, config_lib, models, optim, parallel,
-                           sample, train)
+                           train)
 
 CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256",
            "digits_cond", "imagenet64_cond", "shapes_text_glide", "shapes_text_frozen",

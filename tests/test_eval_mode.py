@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (builders, checkpointing, evaluate, input_pipeline, likelihood,
-                           models, parallel, sample, train)
-from diffusion_jax.evaluation import digits_classifier, digits_quality, inception, stats
+from diffusion_jax import (builders, checkpointing, default_config, evaluate,
+                           input_pipeline, likelihood, models, parallel, train)
+from diffusion_jax.evaluation import (digits_classifier, digits_quality, inception,
+                                      inception_metrics, stats)
 from tests.test_evaluation import random_inception_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +143,9 @@ def test_eval_mode_end_to_end(run, clf, tmp_path, monkeypatch):
 
   assert report["checkpoint_step"] == 2 and report["num_samples"] == 80
   assert report["sampler"]["method"] == "ddim" and report["sampler"]["num_steps"] == 3
-  assert report["skipped"] == {} and set(report["metrics"]) == set(evaluate.METRICS)
+  conditional = {"caption_accuracy", "psnr_ssim"}  # not for an unconditional digits model
+  assert set(report["skipped"]) == conditional
+  assert set(report["metrics"]) == set(evaluate.METRICS) - conditional
   with open(report["report_file"]) as f:
     assert json.load(f)["metrics"] == report["metrics"]
   images = np.load(report["samples_file"])["arr_0"]
@@ -161,7 +164,8 @@ def test_eval_mode_end_to_end(run, clf, tmp_path, monkeypatch):
   path = report["reference"]["path"]
   assert os.path.dirname(path) == os.path.join(workdir, "eval")
   mtime = os.path.getmtime(path)
-  _, _, info = evaluate._reference(config, workdir, inception.InceptionFeatures(weights))
+  _, _, info = inception_metrics.reference_stats(config, workdir,
+                                                 inception.InceptionFeatures(weights))
   assert info["path"] == path and os.path.getmtime(path) == mtime
   # Bits/dim: finite, and the library function's value on the same examples and keys.
   bpd = m["bpd"]
@@ -174,8 +178,8 @@ def test_inception_metrics_are_skipped_without_weights(run):
   config, workdir = run
   report = {"metrics": {}, "skipped": {}}
   images = np.zeros((80, 16, 16, 1), np.uint8)
-  evaluate._inception_metrics(_eval_config(config), workdir, images, ["fid", "is", "pr"],
-                              report)
+  inception_metrics.inception_metrics(_eval_config(config), workdir, images,
+                                      ["fid", "is", "pr"], report)
   assert report["metrics"] == {} and set(report["skipped"]) == {"fid", "is", "pr"}
   assert "inception_weights" in report["skipped"]["fid"]
 
@@ -192,12 +196,19 @@ def test_eval_mode_errors(run, tmp_path):
     evaluate.evaluate(_eval_config(config, metrics=("fid", "kid")), workdir)
 
 
-def test_configs_saved_before_the_eval_section_get_its_defaults(run):
-  config, _ = run
-  old = checkpointing.load_config(run[1])
-  with old.unlocked():
-    del old["eval"]
-  assert evaluate.with_eval_defaults(old).eval.metrics == config.eval.metrics
+def test_configs_saved_before_the_eval_section_get_its_defaults(run, tmp_path):
+  config, workdir = run
+  with open(os.path.join(workdir, checkpointing.CONFIG_FILE)) as f:
+    saved = json.load(f)
+  del saved["eval"]
+  saved["sample"].pop("thresholding")
+  saved["sample"]["clip_denoised"] = False  # the field thresholding replaced
+  with open(tmp_path / checkpointing.CONFIG_FILE, "w") as f:
+    json.dump(saved, f)
+  old = checkpointing.load_config(str(tmp_path))
+  assert old.eval.metrics == default_config.get_config().eval.metrics
+  assert old.sample.thresholding == "none" and "clip_denoised" not in old.sample
+  assert old.model.to_dict() == config.model.to_dict()
 
 
 def test_main_eval_mode_on_a_workdir_without_checkpoints(tmp_path):

@@ -10,9 +10,10 @@ from scipy import ndimage
 
 from configs import cascade as cascade_config
 from configs import test as test_config
-from diffusion_jax import (builders, cascade, conditioning, config_lib, diffusion,
-                           input_pipeline, models, parallel, sample, schedules, superres,
+from diffusion_jax import (builders, cascade, config_lib, diffusion, generation,
+                           input_pipeline, models, parallel, schedules, superres,
                            train)
+from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.evaluation import image_metrics
 from tests.conftest import apply_overrides, perturbed_params
 
@@ -250,7 +251,7 @@ def test_train_cond_levels_stay_in_range_and_blur_applies():
   low = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (512, 8, 8, 1)), jnp.float32)
   batch = {"image": jnp.zeros((512, 16, 16, 1)), "label": jnp.zeros((512,), jnp.int32),
            "low_res": low}
-  cond = conditioning.train_cond(config, schedule, batch, jax.random.key(3))
+  cond = Conditioning(config).train(batch, jax.random.key(3), schedule)
   level = np.asarray(cond["aug_level"])
   assert level.min() == 0 and level.max() == 30 and len(np.unique(level)) == 31
   clean = level == 0  # level 0: only the blur acted, which lowers the variance
@@ -291,12 +292,12 @@ def two_stages(digits_dir, tmp_path_factory):
 
 def _record_generate(monkeypatch):
   """Records the keyword arguments of every generate() call a cascade makes."""
-  calls, original = [], sample.generate
+  calls, original = [], generation.generate
 
   def recording(*args, **kwargs):
-    calls.append(kwargs)
+    calls.append(kwargs["cond"])
     return original(*args, **kwargs)
-  monkeypatch.setattr(cascade.sample_lib, "generate", recording)
+  monkeypatch.setattr(cascade.generation, "generate", recording)
   return calls
 
 
@@ -307,8 +308,8 @@ def test_cascade_carries_labels_through_every_stage(two_stages, tmp_path, monkey
   calls = _record_generate(monkeypatch)
   paths = cascade.sample_cascade(config, str(tmp_path))
   for call in calls:  # both stages are class-conditional: both get the labels
-    np.testing.assert_array_equal(call["labels"], [3, 7] * 6)
-  assert calls[0]["low_res"] is None and calls[1]["low_res"].shape == (12, 8, 8, 1)
+    np.testing.assert_array_equal(call["label"], [3, 7] * 6)
+  assert "low_res" not in calls[0] and calls[1]["low_res"].shape == (12, 8, 8, 1)
   base, sr = (np.load(p) for p in paths)
   assert base["arr_0"].shape == (12, 8, 8, 1) and sr["arr_0"].shape == (12, 16, 16, 1)
   want = np.array([3, 7] * 6)
@@ -332,12 +333,15 @@ def test_sr_sampler_needs_low_res_of_the_right_shape(two_stages):
   config = cascade_config.get_config(",".join(two_stages)).stage_1
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, 1)
-  fn = sample.make_sample_fn(model, builders.make_schedule(config), config, 4, mesh)
+  fn = generation.make_sample_fn(model, builders.make_schedule(config), config, 4, mesh)
   params = builders.init_params(model, config, jax.random.key(0))
-  with pytest.raises(ValueError, match="needs low_res"):
-    fn(params, jax.random.key(0), 0.0)
+  labels = np.zeros(4, np.int32)
+  with pytest.raises(ValueError, match=r"cond lacks \['low_res'\]"):
+    fn(params, jax.random.key(0), {"label": labels})
   with pytest.raises(ValueError, match=r"low_res must have shape \(4, 8, 8, 1\)"):
-    fn(params, jax.random.key(0), 0.0, low_res=np.zeros((4, 16, 16, 1)))
+    fn(params, jax.random.key(0), {"label": labels, "low_res": np.zeros((4, 16, 16, 1))})
+  with pytest.raises(ValueError, match="needs low_res.*in a cascade"):
+    Conditioning(config).request(4)
 
 
 # ---- PSNR / SSIM ---------------------------------------------------------------------

@@ -8,8 +8,10 @@ import pytest
 
 from configs import cascade as cascade_config
 from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
-from diffusion_jax import (builders, cascade, conditioning, config_lib, models, optim,
+from diffusion_jax import (builders, cascade, config_lib, generation, models, optim,
                            parallel, sample, train)
+from diffusion_jax.conditioning import Conditioning
+from diffusion_jax.conditioning import text as text_kind
 from diffusion_jax.text import conditioner
 from tests.conftest import apply_overrides, perturbed_params
 
@@ -49,7 +51,7 @@ def test_null_text_is_used_at_the_configured_rate():
   b = 20000
   text = {"text_ids": jnp.ones((b, 5), jnp.int32), "text_mask": jnp.ones((b, 5), bool)}
   null = {"text_ids": jnp.zeros((1, 5), jnp.int32), "text_mask": jnp.zeros((1, 5), bool)}
-  out = conditioning.drop_text(jax.random.key(0), text, null, 0.1)
+  out = text_kind.drop_text(jax.random.key(0), text, null, 0.1)
   dropped = np.asarray(out["text_ids"]).sum(1) == 0
   assert abs(dropped.mean() - 0.1) < 5 * np.sqrt(0.1 * 0.9 / b)
   np.testing.assert_array_equal(np.asarray(out["text_mask"]).any(1), ~dropped)
@@ -94,10 +96,11 @@ def test_long_captions_warn_and_text_of_other_models_is_an_error():
   plain = _tiny(shapes_sr32.get_config(), sample__captions="a red circle")
   with pytest.raises(ValueError, match="not text-conditioned"):
     config_lib.validate(plain)
-  with pytest.raises(ValueError, match="not text-conditioned"):
-    sample.sample_captions(plain, 4)
+  with pytest.raises(ValueError, match="captions was given, but the model is conditioned on "
+                     "a low-resolution image"):
+    Conditioning(plain).request(4, captions=["a red circle"] * 4)
   with pytest.raises(ValueError, match="set sample.captions"):
-    sample.sample_captions(_tiny(shapes_text_glide.get_config()), 4)
+    Conditioning(_tiny(shapes_text_glide.get_config())).request(4)
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +135,15 @@ def test_cascade_carries_captions_to_the_text_stage(text_runs, tmp_path, monkeyp
   config.cascade.num_samples, config.cascade.batch_size = 4, 4
   config.cascade.captions = "a large green square;a small white triangle"
   config.stage_0.sample.guidance_scale = 2.0
-  calls, original = [], sample.generate
-  monkeypatch.setattr(cascade.sample_lib, "generate",
-                      lambda *a, **k: calls.append(k) or original(*a, **k))
+  calls, original = [], generation.generate
+  monkeypatch.setattr(cascade.generation, "generate",
+                      lambda *a, **k: calls.append(k["cond"]) or original(*a, **k))
   paths = cascade.sample_cascade(config, str(tmp_path))
   want = conditioner.TextConditioner(base_config)(
       ["a large green square", "a small white triangle"] * 2)
   for key, value in want.items():  # the text stage got the captions' arrays
-    np.testing.assert_array_equal(calls[0]["text"][key], value)
-  assert "text" not in calls[1]  # the upsampler is not text-conditioned
+    np.testing.assert_array_equal(calls[0][key], value)
+  assert set(calls[1]) == {"low_res"}  # the upsampler is not text-conditioned
   base, up = (np.load(p) for p in paths)
   assert base["arr_0"].shape == (4, 16, 16, 3) and up["arr_0"].shape == (4, 32, 32, 3)
   assert list(up["captions"]) == ["a large green square", "a small white triangle"] * 2

@@ -20,7 +20,12 @@ reports:
   precision, recall       Kynkaanniemi et al. (k=3) against the TEST split, with
                           floor_precision/floor_recall for the same N real TRAIN
                           digits (mean over the same draws);
-  class_accuracy          with `labels=`: fraction classified as the requested class.
+  class_accuracy          with `labels=`: fraction classified as the requested class;
+  per_class               with `labels=`: for each class, its samples' count, class
+                          accuracy and Frechet distance to that class's real TRAIN
+                          digits (~150 each; the TEST split has too few per class),
+                          with floor_frechet_distance: as many of them drawn
+                          against the rest (null when fewer than 2 of either).
 
 Distances from samples of different sizes are biased differently; compare
 figures computed from the same number of samples. `*_all_train` keys keep the
@@ -52,7 +57,7 @@ def _real_reference(clf: DigitsClassifier, data_dir: str) -> dict[str, Any]:
   """Features and floor figures of the real splits (cached on the classifier)."""
   cache = getattr(clf, "_real_reference_cache", {})
   if data_dir not in cache:
-    train_x, _ = load_digits_split(data_dir, "train")
+    train_x, train_y = load_digits_split(data_dir, "train")
     test_x, _ = load_digits_split(data_dir, "test")
     train_f, test_f = clf.features(train_x), clf.features(test_x)
     test_p = clf.predict_proba(test_x)
@@ -60,7 +65,7 @@ def _real_reference(clf: DigitsClassifier, data_dir: str) -> dict[str, Any]:
     floor_pr = precision_recall.precision_recall(test_f, train_f, k=PR_K)
     cache[data_dir] = dict(
         test_features=test_f, test_stats=test_stats,
-        train_features=train_f,
+        train_features=train_f, train_labels=np.asarray(train_y),
         floor_frechet_distance_all_train=stats.stats_distance(
             stats.feature_statistics(train_f), test_stats),
         floor_precision_all_train=floor_pr["precision"],
@@ -153,4 +158,33 @@ def digits_quality(images_uint8: np.ndarray, clf: DigitsClassifier, data_dir: st
     if labels.shape != (len(images),):
       raise ValueError(f"labels must be [{len(images)}], got {labels.shape}.")
     out["class_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels))
+    out["per_class"] = per_class(feats, probs, labels, real)
+  return out
+
+
+def per_class(feats: np.ndarray, probs: np.ndarray, labels: np.ndarray,
+              real: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each class's count, accuracy and Frechet distance to its TRAIN digits.
+
+  The floor of class c: n_c of its TRAIN digits (seeded draw) against its other
+  TRAIN digits; the samples' distance is to all of them, so the floor is the
+  harder comparison, a guide to the noise at that n, not an exact one.
+  """
+  out = []
+  train_f, train_y = real["train_features"], real["train_labels"]
+  for c in range(NUM_CLASSES):
+    mine, ref = feats[labels == c], train_f[train_y == c]
+    row = {"class": c, "num_samples": int(len(mine)), "num_real": int(len(ref)),
+           "class_accuracy": (float(np.mean(probs[labels == c].argmax(axis=1) == c))
+                              if len(mine) else None),
+           "frechet_distance": None, "floor_frechet_distance": None}
+    if len(mine) >= 2 and len(ref) >= 2:
+      ref_stats = stats.feature_statistics(ref)
+      row["frechet_distance"] = stats.stats_distance(stats.feature_statistics(mine), ref_stats)
+      m = min(len(mine), len(ref) - 2)
+      if m >= 2:
+        idx = np.random.default_rng(c).permutation(len(ref))
+        row["floor_frechet_distance"] = stats.stats_distance(
+            stats.feature_statistics(ref[idx[:m]]), stats.feature_statistics(ref[idx[m:]]))
+    out.append(row)
   return out

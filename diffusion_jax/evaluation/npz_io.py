@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -54,10 +54,15 @@ def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
   return images
 
 
-def write_samples(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None) -> str:
-  """Writes `arr_0` (and `labels`) atomically; returns the path written."""
+def write_samples(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
+                  captions: Optional[Sequence[str]] = None) -> str:
+  """Writes `arr_0` (and `labels`, `captions`) atomically; returns the path written."""
   images = check_images(images)
   arrays = {IMAGES_KEY: images}
+  if captions is not None:
+    if len(captions) != images.shape[0]:
+      raise ValueError(f"captions must be {images.shape[0]}, got {len(captions)}.")
+    arrays["captions"] = np.asarray(list(captions), dtype=str)
   if labels is not None:
     labels = np.asarray(labels)
     if labels.shape != (images.shape[0],):
