@@ -195,10 +195,13 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- Evaluation (--mode=eval; diffusion_jax/evaluate.py) -----------------
   # The sampler, its settings and the checkpoint step come from `sample` above.
   config.eval = ev = ml_collections.ConfigDict()
-  # Metrics to compute: "digits_fd" (offline, digits only), "fid", "is", "pr"
-  # (these three need inception_weights; skipped with a log line without them)
-  # and "bpd" (bits/dim of the eval split).
-  ev.metrics = ("digits_fd", "fid", "is", "pr", "bpd")
+  # Metrics to compute, each where it applies (else listed as skipped, with
+  # the reason): "digits_fd" (offline, digits only; per class for class
+  # models), "caption_accuracy" (text models on shapes), "psnr_ssim"
+  # (super-resolution stages), "fid", "is", "pr" (these three need
+  # inception_weights) and "bpd" (bits/dim of the eval split, each example
+  # conditioned on its own label, caption or low-resolution image).
+  ev.metrics = ("digits_fd", "caption_accuracy", "psnr_ssim", "fid", "is", "pr", "bpd")
   ev.num_samples = 1000  # Samples drawn for the sample metrics (FID papers: 50,000).
   ev.batch_size = 256  # Global sampling/Inception batch; must divide over devices.
   ev.seed = 0  # Seed of the eval samples and of the bits/dim noise draws.

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from diffusion_jax import (builders, checkpointing, conditioning, config_lib, generation,
-                           guidance, models, optim, parallel, sample, sample_io, train)
+from diffusion_jax import (builders, checkpointing, conditioning, config_lib, evaluate,
+                           generation, guidance, input_pipeline, likelihood, models, optim,
+                           parallel, sample, sample_io, train)
 from diffusion_jax.train_state import TrainState
-from tests.conftest import apply_overrides
+from diffusion_jax.evaluation import bpd
+from tests.conftest import apply_overrides, perturbed_params
 
 
 def _cond_config(data_dir, **overrides):
@@ -179,3 +181,45 @@ def test_config_errors(digits_dir):
   unconditional.sample.labels = "all"
   with pytest.raises(ValueError, match="needs conditioning.type='class'"):
     config_lib.validate(unconditional)
+
+
+def _eval_overrides(config, **overrides):
+  """The run's config with a small eval: 16 samples, 8 bits/dim examples."""
+  return apply_overrides(config.copy_and_resolve_references(), eval__num_samples=16,
+                         eval__batch_size=8, eval__bpd_batch_size=8, eval__bpd_max_examples=8,
+                         **overrides)
+
+
+def test_eval_mode_on_a_class_model(cond_run):
+  """Samples of the eval split's labels; per-class figures; bits/dim given each label."""
+  config, workdir, _ = cond_run
+  config = _eval_overrides(config, eval__metrics=("digits_fd", "caption_accuracy", "bpd"))
+  report = evaluate.evaluate(config, workdir)
+  assert report["conditioned_on"] == "class labels"
+  assert set(report["metrics"]) == {"digits_fd", "bpd"}
+  assert "text-conditioned" in report["skipped"]["caption_accuracy"]
+  first = next(input_pipeline.create_eval_iterator(config.data, 16))
+  saved = np.load(report["samples_file"])
+  np.testing.assert_array_equal(saved["labels"], first["label"])  # the split's own labels
+  digits = report["metrics"]["digits_fd"]
+  per_class = digits["per_class"]
+  assert [row["class"] for row in per_class] == list(range(10))
+  assert [row["num_samples"] for row in per_class] == list(np.bincount(first["label"], minlength=10))
+  assert 0.0 <= digits["class_accuracy"] <= 1.0
+  # bits/dim conditioned on each example's label: the library, one timestep per call.
+  model, params, _, mesh = builders.restore_ema(config, workdir)
+  x0, labels = first["image"][:8], jnp.asarray(first["label"][:8])
+
+  def library(params, labels):
+    fn = lambda x, t: model.apply({"params": params}, x, t, {"label": labels}, train=False)
+    return float(np.mean(likelihood.bits_per_dim(
+        fn, builders.make_schedule(config), x0,
+        jax.random.fold_in(jax.random.key(config.eval.seed), 0), chunk_size=1)))
+  np.testing.assert_allclose(report["metrics"]["bpd"]["bits_per_dim"], library(params, labels),
+                             rtol=1e-4)
+  # Two train steps leave the labels all but unused: perturbed weights show they are.
+  perturbed = perturbed_params(model, config)
+  mine = bpd.bits_per_dim_on_split(model, perturbed, config, mesh,
+                                   conditioning.Conditioning(config))["bits_per_dim"]
+  np.testing.assert_allclose(mine, library(perturbed, labels), rtol=1e-4)
+  assert abs(mine - library(perturbed, jnp.full(8, 10))) > 1e-3  # the null class differs

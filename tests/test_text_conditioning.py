@@ -8,8 +8,11 @@ import pytest
 
 from configs import cascade as cascade_config
 from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
-from diffusion_jax import (builders, cascade, config_lib, generation, models, optim,
-                           parallel, sample, train)
+from diffusion_jax import (builders, cascade, checkpointing, config_lib, evaluate,
+                           generation, input_pipeline, metrics, models, optim, parallel,
+                           sample, train)
+from diffusion_jax.datasets import shapes
+from diffusion_jax.evaluation import image_metrics, shapes_checker
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.conditioning import text as text_kind
 from diffusion_jax.text import conditioner
@@ -147,3 +150,50 @@ def test_cascade_carries_captions_to_the_text_stage(text_runs, tmp_path, monkeyp
   base, up = (np.load(p) for p in paths)
   assert base["arr_0"].shape == (4, 16, 16, 3) and up["arr_0"].shape == (4, 32, 32, 3)
   assert list(up["captions"]) == ["a large green square", "a small white triangle"] * 2
+
+
+def _small_eval(config, **overrides):
+  return apply_overrides(config.copy_and_resolve_references(), eval__num_samples=8,
+                         eval__batch_size=4, eval__bpd_batch_size=4, eval__bpd_max_examples=4,
+                         **overrides)
+
+
+def test_eval_mode_on_a_text_model(shapes_dir, tmp_path):
+  """Caption accuracy of samples drawn for the eval split's captions, and bits/dim."""
+  config = _tiny(shapes_text_glide.get_config(), shapes_dir, model__patch_size=4,
+                 training__sample_every_steps=0)
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir)
+  report = evaluate.evaluate(_small_eval(config, eval__metrics=(
+      "caption_accuracy", "psnr_ssim", "digits_fd", "bpd")), workdir)
+  assert report["conditioned_on"] == "text"
+  assert set(report["metrics"]) == {"caption_accuracy", "bpd"}
+  assert set(report["skipped"]) == {"psnr_ssim", "digits_fd"}
+  saved = np.load(report["samples_file"])
+  first = next(input_pipeline.create_eval_iterator(config.data, 8))
+  want_captions = [c.decode() for c in first["caption"]]
+  assert list(saved["captions"]) == want_captions  # the eval split's own captions
+  held_out = [shapes.is_held_out(shapes.parse_caption(c)) for c in want_captions]
+  want = shapes_checker.score_subsets(saved["arr_0"], want_captions, np.array(held_out))
+  got = report["metrics"]["caption_accuracy"]
+  assert got["all"] == want["all"] and got["num_held_out"] == sum(held_out)
+  assert np.isfinite(report["metrics"]["bpd"]["bits_per_dim"])
+
+
+def test_eval_mode_on_a_super_resolution_stage(text_runs):
+  """PSNR/SSIM against the real images whose low-resolution versions were upsampled."""
+  _, (_, sr_dir) = text_runs
+  config = _small_eval(checkpointing.load_config(sr_dir),
+                       eval__metrics=("psnr_ssim", "caption_accuracy", "bpd"))
+  report = evaluate.evaluate(config, sr_dir)
+  assert report["conditioned_on"] == "a low-resolution image"
+  assert set(report["metrics"]) == {"psnr_ssim", "bpd"}
+  assert "text-conditioned" in report["skipped"]["caption_accuracy"]
+  samples = np.load(report["samples_file"])["arr_0"]
+  real = metrics.to_uint8(next(input_pipeline.create_eval_iterator(config.data, 8))["image"])
+  got = report["metrics"]["psnr_ssim"]
+  np.testing.assert_allclose(got["psnr"], np.mean(image_metrics.psnr(samples, real)), rtol=1e-6)
+  np.testing.assert_allclose(got["ssim"], np.mean(image_metrics.ssim(samples, real)), rtol=1e-6)
+  assert got["bicubic_psnr"] > got["psnr"]  # two training steps: plain upsampling wins
+  assert report["sampler"]["sample_aug_level"] == config.superres.sample_aug_level
+  assert np.isfinite(report["metrics"]["bpd"]["bits_per_dim"])
