@@ -20,6 +20,7 @@ per sample with every stage side by side at the final size.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 import ml_collections
@@ -27,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import builders, config_lib, generation, metrics, sample
-from diffusion_jax.conditioning import Conditioning
+from diffusion_jax.conditioning import Conditioning, Request
 from diffusion_jax.sample_io import save_samples
 
 
@@ -116,8 +117,15 @@ def side_by_side(outputs: list[np.ndarray], max_rows: int = 16) -> np.ndarray:
   return np.stack(tiles)
 
 
-def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Samples every stage in turn; returns the .npz paths (process 0; else [])."""
+def run_cascade(config: ml_collections.ConfigDict, base_given: Optional[dict] = None
+                ) -> tuple[list[np.ndarray], Request]:
+  """Samples every stage in turn: (uint8 outputs of each stage, the base's Request).
+
+  Args:
+    config: the cascade config.
+    base_given: request inputs of the base (labels, captions), e.g. eval mode's;
+      default: what cascade.labels / cascade.captions or the base's config name.
+  """
   c = config.cascade
   if c.num_samples <= 0 or c.batch_size <= 0:
     raise ValueError(f"cascade.num_samples and cascade.batch_size must be > 0, got "
@@ -125,15 +133,25 @@ def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]
   stage_configs = stages(config)
   _with_cascade_request(config, stage_configs)
   check_chain(stage_configs)
-  outputs, given, labels, captions = [], {}, None, None
+  outputs, given, base_request = [], dict(base_given or {}), None
   for i, (stage_config, stage_dir) in enumerate(zip(stage_configs, c.workdirs)):
+    if i > 0:  # the previous stage's images, exactly as written to disk
+      upsampled = Conditioning(stage_config).upsampled_input
+      given[upsampled] = outputs[-1].astype(np.float32) / 127.5 - 1.0
     images, request = _sample_stage(stage_config, stage_dir, given, c.num_samples,
                                     c.batch_size, c.seed + i)
     outputs.append(images)
-    if i == 0:
-      labels, captions = request.labels, request.captions
-      given = {"labels": labels, "captions": captions}
-    given["low_res"] = images.astype(np.float32) / 127.5 - 1.0  # what the next stage takes
+    if i == 0:  # every later stage takes the base's labels and captions
+      base_request = request
+      given = {"labels": request.labels, "captions": request.captions}
+  return outputs, base_request
+
+
+def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Samples every stage in turn; returns the .npz paths (process 0; else [])."""
+  c = config.cascade
+  outputs, request = run_cascade(config)
+  labels, captions = request.labels, request.captions
   if jax.process_index() != 0:
     return []
   out_dir = os.path.join(workdir, "samples")

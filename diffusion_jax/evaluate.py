@@ -42,7 +42,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import builders, checkpointing, generation, input_pipeline, metrics
+from diffusion_jax import builders, cascade, checkpointing, generation, input_pipeline
+from diffusion_jax import metrics
 from diffusion_jax import parallel, sample
 from diffusion_jax.conditioning import Conditioning, Request
 from diffusion_jax.evaluation import bpd, conditional_metrics, inception_metrics, npz_io
@@ -51,6 +52,21 @@ METRICS = ("digits_fd", "caption_accuracy", "psnr_ssim", "fid", "is", "pr", "bpd
 
 
 def _check(config: ml_collections.ConfigDict, workdir: str) -> None:
+  _check_settings(config, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise checkpointing.CheckpointError(
+        f"No checkpoints in {workdir!r} (no {ckpt_dir}): train first, or pass the "
+        "--workdir of a training run.")
+  mesh = parallel.make_mesh()
+  if "bpd" in config.eval.metrics or Conditioning(config).inputs:  # both read the eval split
+    input_pipeline.check_split(config.data, config.data.eval_split, "config.data.eval_split")
+  if "bpd" in config.eval.metrics:
+    parallel.check_batch_size(config.eval.bpd_batch_size, mesh, "eval.bpd_batch_size")
+
+
+def _check_settings(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The eval section: metrics, counts, files (checked before any work)."""
   ev = config.eval
   unknown = [m for m in ev.metrics if m not in METRICS]
   if unknown:
@@ -71,17 +87,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise FileNotFoundError(f"config.eval.fid_reference={ev.fid_reference!r} does not "
                             "exist; set it to '' to compute reference statistics from "
                             f"split {ev.reference_split!r} (cached in {workdir}/eval/).")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise checkpointing.CheckpointError(
-        f"No checkpoints in {workdir!r} (no {ckpt_dir}): train first, or pass the "
-        "--workdir of a training run.")
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(ev.batch_size, mesh, "eval.batch_size")
-  if "bpd" in ev.metrics or Conditioning(config).inputs:  # both read the eval split
-    input_pipeline.check_split(config.data, config.data.eval_split, "config.data.eval_split")
-  if "bpd" in ev.metrics:
-    parallel.check_batch_size(ev.bpd_batch_size, mesh, "eval.bpd_batch_size")
+  parallel.check_batch_size(ev.batch_size, parallel.make_mesh(), "eval.batch_size")
   inception_metrics.check_request(config, workdir)
 
 
@@ -94,7 +100,8 @@ def report_name(config: ml_collections.ConfigDict, step: int) -> str:
   return name
 
 
-def _sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _sampler_settings(config: ml_collections.ConfigDict,
+                      conditioning: Conditioning) -> dict[str, Any]:
   s = config.sample
   out = dict(method=s.method, num_steps=s.num_steps or config.diffusion.num_timesteps,
              eta=s.eta, variance=s.variance, prediction=config.diffusion.prediction,
@@ -103,7 +110,7 @@ def _sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
              thresholding=s.thresholding,
              dynamic_threshold_percentile=s.dynamic_threshold_percentile,
              guidance_scale=s.guidance_scale, labels=s.labels, captions=s.captions)
-  if config.model.low_res_channels:
+  if conditioning.upsamples:
     out["sample_aug_level"] = config.superres.sample_aug_level
   return out
 
@@ -126,15 +133,15 @@ def _digits_metrics(config: ml_collections.ConfigDict, images: np.ndarray,
 
 
 def _eval_inputs(config: ml_collections.ConfigDict, conditioning: Conditioning, n: int
-                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(request inputs, real images) of the first n eval-split examples, cycled.
+                 ) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+  """(request inputs, uint8 real images) of the first n eval-split examples, cycled.
 
   Every process reads the same examples, so every host asks for the same
   samples. Inputs that the config names (`sample.labels`, `sample.captions`)
   are left to the request; an unconditional model reads nothing.
   """
   if not conditioning.inputs:
-    return {}, {}
+    return {}, None
   parts, got = [], 0
   for batch in input_pipeline.create_eval_iterator(config.data, config.eval.batch_size,
                                                    process_index=0, process_count=1):
@@ -147,14 +154,13 @@ def _eval_inputs(config: ml_collections.ConfigDict, conditioning: Conditioning, 
   examples = {k: np.concatenate([p[k] for p in parts])[idx] for k in parts[0]}
   inputs = conditioning.batch_inputs(examples)
   named = [k for k in inputs if k in config.sample and str(config.sample[k]).strip()]
-  real = {"image": metrics.to_uint8(examples["image"])}
-  if "low_res" in examples:
-    real["low_res"] = examples["low_res"]
-  return {k: v for k, v in inputs.items() if k not in named}, real
+  return ({k: v for k, v in inputs.items() if k not in named},
+          metrics.to_uint8(examples["image"]))
 
 
 def _generate(model, params, config: ml_collections.ConfigDict, mesh,
-              conditioning: Conditioning) -> tuple[np.ndarray, Request, dict]:
+              conditioning: Conditioning
+              ) -> tuple[np.ndarray, Request, Optional[np.ndarray]]:
   """(uint8 [N, H, W, C] samples, their Request, the real examples' images)."""
   ev = config.eval
   given, real = _eval_inputs(config, conditioning, ev.num_samples)
@@ -172,7 +178,7 @@ def _skip(report: dict[str, Any], metric: str, why: str) -> None:
 
 
 def _conditional_metrics(config, conditioning: Conditioning, images: np.ndarray,
-                         request: Request, real: dict, wanted: list[str],
+                         request: Request, real: Optional[np.ndarray], wanted: list[str],
                          report: dict[str, Any]) -> None:
   """caption_accuracy and psnr_ssim, computed or skipped with the reason."""
   if "caption_accuracy" in wanted:
@@ -183,8 +189,10 @@ def _conditional_metrics(config, conditioning: Conditioning, images: np.ndarray,
     else:
       report["metrics"]["caption_accuracy"] = value
   if "psnr_ssim" in wanted:
-    pair = (real.get("image"), real.get("low_res")) if conditioning.upsamples else (None, None)
-    value, why = conditional_metrics.superres_quality(images, *pair)
+    upsampled = conditioning.upsampled_input
+    inputs = request.cond[upsampled] if upsampled else None
+    value, why = conditional_metrics.superres_quality(images, real if upsampled else None,
+                                                      inputs)
     if why:
       _skip(report, "psnr_ssim", why)
     else:
@@ -194,11 +202,18 @@ def _conditional_metrics(config, conditioning: Conditioning, images: np.ndarray,
 def _sample_metrics(model, params, config: ml_collections.ConfigDict, mesh, workdir: str,
                     name: str, report: dict[str, Any], conditioning: Conditioning) -> None:
   """Draws the eval samples and fills report["metrics"] with the sample metrics."""
-  ev = config.eval
-  wanted = [m for m in ev.metrics if m != "bpd"]
   start = time.perf_counter()
   images, request, real = _generate(model, params, config, mesh, conditioning)
   report["timing_seconds"]["sampling"] = round(time.perf_counter() - start, 1)
+  _score(config, conditioning, images, request, real, workdir, name, report)
+
+
+def _score(config: ml_collections.ConfigDict, conditioning: Conditioning, images: np.ndarray,
+           request: Request, real: Optional[np.ndarray], workdir: str, name: str,
+           report: dict[str, Any]) -> None:
+  """Saves the samples (eval.save_samples) and fills in every sample metric asked for."""
+  ev = config.eval
+  wanted = [m for m in ev.metrics if m != "bpd" and m not in report["skipped"]]
   if ev.save_samples and jax.process_index() == 0:
     report["samples_file"] = npz_io.write_samples(
         os.path.join(workdir, "eval", name + ".npz"), images, request.labels,
@@ -221,17 +236,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model, params, step, mesh = builders.restore_ema(config, workdir, config.sample.checkpoint_step)
   logging.info("Eval: restored EMA parameters of step %d from %s", step, workdir)
   ev, name = config.eval, report_name(config, step)
-  report = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
-            "params": "ema", "sampler": _sampler_settings(config),
-            "num_samples": ev.num_samples, "seed": ev.seed,
-            "conditioned_on": conditioning.describe(),
-            "data": {k: config.data[k] for k in ("name", "data_dir", "image_size",
-                                                 "channels", "train_split", "eval_split")},
-            "metrics_requested": list(ev.metrics), "metrics": {}, "skipped": {},
-            "warnings": [], "feature_network": None, "reference": None,
-            "timing_seconds": {}, "jax_version": jax.__version__,
-            "device_count": jax.device_count(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  report = {**_report_header(config, workdir, conditioning), "checkpoint_step": int(step),
+            "params": "ema", "sampler": _sampler_settings(config, conditioning)}
   if any(m != "bpd" for m in ev.metrics):
     _sample_metrics(model, params, config, mesh, workdir, name, report, conditioning)
   if "bpd" in ev.metrics:
@@ -240,6 +246,53 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                          conditioning)
     report["timing_seconds"]["bpd"] = round(time.perf_counter() - start, 1)
   _write_report(report, workdir, name)
+  return report
+
+
+def _report_header(config: ml_collections.ConfigDict, workdir: str,
+                   conditioning: Conditioning) -> dict[str, Any]:
+  ev = config.eval
+  return {"workdir": os.path.abspath(workdir), "num_samples": ev.num_samples, "seed": ev.seed,
+          "conditioned_on": conditioning.describe(),
+          "data": {k: config.data[k] for k in ("name", "data_dir", "image_size", "channels",
+                                               "train_split", "eval_split")},
+          "metrics_requested": list(ev.metrics), "metrics": {}, "skipped": {},
+          "warnings": [], "feature_network": None, "reference": None,
+          "timing_seconds": {}, "jax_version": jax.__version__,
+          "device_count": jax.device_count(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def evaluate_cascade(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Eval mode of a cascade config: the final stage's samples, one report.
+
+  The base is asked for the labels or captions of its eval split's first
+  `cascade.num_samples` examples (unless cascade.labels / cascade.captions name
+  them); the final images are scored with the last stage's `eval` section and
+  data (digits_fd, caption_accuracy, fid, is, pr). bpd and psnr_ssim belong to
+  single stages: eval mode on a stage's own workdir gives them.
+  """
+  stage_configs = cascade.stages(config)
+  c, final = config.cascade, stage_configs[-1]
+  with final.unlocked():
+    final.eval.num_samples, final.eval.seed = c.num_samples, c.seed
+  _check_settings(final, workdir)
+  base = stage_configs[0]
+  given, _ = _eval_inputs(base, Conditioning(base), c.num_samples)
+  start = time.perf_counter()
+  outputs, request = cascade.run_cascade(config, given)
+  report = {**_report_header(final, workdir, Conditioning(base)),
+            "cascade": {"workdirs": list(c.workdirs), "batch_size": c.batch_size,
+                        "samplers": [_sampler_settings(s, Conditioning(s))
+                                     for s in stage_configs]},
+            "timing_seconds": {"sampling": round(time.perf_counter() - start, 1)}}
+  for metric in ("bpd", "psnr_ssim"):
+    if metric in final.eval.metrics:
+      report["skipped"][metric] = ("a single stage's metric: run eval mode on that stage's "
+                                   "workdir")
+  _score(final, Conditioning(base), outputs[-1], request, None, workdir,
+         f"{c.name}_n{c.num_samples}_seed{c.seed}", report)
+  _write_report(report, workdir, f"{c.name}_n{c.num_samples}_seed{c.seed}")
   return report
 
 

@@ -6,6 +6,7 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
   python -m diffusion_jax.main --mode=eval --workdir=DIR    # metrics of config.eval
   python -m diffusion_jax.main --mode=sample --workdir=OUT \
       --config=configs/cascade.py:BASE_DIR,SR_DIR             # a cascade, stage by stage
+                                                              # (--mode=eval scores it)
 
 `--config.a.b=value` overrides any field; a misspelt field is an error.
 """
@@ -118,10 +119,13 @@ def main(argv):
     logging.info("Default XLA flags added (yours in XLA_FLAGS take precedence): %s",
                  " ".join(added_xla_flags))
   if "cascade" in config:
-    if FLAGS.mode != "sample":
-      raise app.UsageError("A cascade config (configs/cascade.py) is for --mode=sample; "
-                           "train each stage with its own config.")
-    cascade.sample_cascade(config, FLAGS.workdir)
+    if FLAGS.mode == "train":
+      raise app.UsageError("A cascade config (configs/cascade.py) is for --mode=sample or "
+                           "--mode=eval; train each stage with its own config.")
+    if FLAGS.mode == "eval":
+      evaluate.evaluate_cascade(config, FLAGS.workdir)
+    else:
+      cascade.sample_cascade(config, FLAGS.workdir)
   elif FLAGS.mode == "train":
     train.train_and_evaluate(config, FLAGS.workdir, allow_fresh_start=FLAGS.allow_fresh_start)
   elif FLAGS.mode == "eval":

@@ -197,3 +197,21 @@ def test_eval_mode_on_a_super_resolution_stage(text_runs):
   assert got["bicubic_psnr"] > got["psnr"]  # two training steps: plain upsampling wins
   assert report["sampler"]["sample_aug_level"] == config.superres.sample_aug_level
   assert np.isfinite(report["metrics"]["bpd"]["bits_per_dim"])
+
+
+def test_eval_mode_on_a_cascade(text_runs, tmp_path):
+  """The final 32x32 samples of a text cascade, asked for the eval split's captions."""
+  base_config, dirs = text_runs
+  config = cascade_config.get_config(",".join(dirs))
+  config.cascade.num_samples, config.cascade.batch_size = 8, 4
+  config.stage_1.eval.metrics = ("caption_accuracy", "psnr_ssim", "bpd")
+  report = evaluate.evaluate_cascade(config, str(tmp_path))
+  assert set(report["metrics"]) == {"caption_accuracy"}
+  assert set(report["skipped"]) == {"psnr_ssim", "bpd"}
+  assert report["cascade"]["workdirs"] == dirs and len(report["cascade"]["samplers"]) == 2
+  saved = np.load(report["samples_file"])
+  assert saved["arr_0"].shape == (8, 32, 32, 3)
+  first = next(input_pipeline.create_eval_iterator(base_config.data, 8))
+  assert list(saved["captions"]) == [c.decode() for c in first["caption"]]
+  assert report["metrics"]["caption_accuracy"]["num_samples"] == 8
+  assert os.path.exists(report["report_file"])

@@ -109,6 +109,11 @@ class Conditioning:
     return tuple(name for k in self.kinds for name in k.inputs)
 
   @property
+  def upsampled_input(self) -> Optional[str]:
+    """The `request` input that takes the previous cascade stage's images, if any."""
+    return next((k.inputs[0] for k in self.kinds if k.upsamples), None)
+
+  @property
   def shared_inputs(self) -> tuple[str, ...]:
     """The inputs a cascade hands from its base to every stage (labels, captions)."""
     return tuple(name for k in self.kinds if not k.upsamples for name in k.inputs)
