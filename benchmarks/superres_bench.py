@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import from_workdir
-from diffusion_jax import builders, generation, input_pipeline, metrics
+from diffusion_jax import builders, generation, input_pipeline, run_logging
 from diffusion_jax import superres, xla_flags
 from diffusion_jax.evaluation import image_metrics
 
@@ -33,7 +33,7 @@ def test_pairs(config, num_images: int) -> tuple[np.ndarray, np.ndarray]:
   highs, lows, n = [], [], 0
   for batch in input_pipeline.create_eval_iterator(config.data, 64):
     keep = batch["mask"]
-    highs.append(metrics.to_uint8(batch["image"][keep]))
+    highs.append(run_logging.to_uint8(batch["image"][keep]))
     lows.append(batch["low_res"][keep])
     n += int(keep.sum())
     if n >= num_images:
@@ -61,7 +61,7 @@ def main():
   high, low = test_pairs(config, args.num_images)
   size = config.data.image_size
   for method in ("bilinear", "bicubic"):
-    up = metrics.to_uint8(np.asarray(superres.upsample(low, size, method)).clip(-1, 1))
+    up = run_logging.to_uint8(np.asarray(superres.upsample(low, size, method)).clip(-1, 1))
     print(json.dumps(_scores(method, up, high)), flush=True)
   for workdir in workdirs:
     config = from_workdir.get_config(workdir)

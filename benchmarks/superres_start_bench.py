@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import superres_bench
 from configs import from_workdir
-from diffusion_jax import builders, diffusion, metrics, samplers, xla_flags
+from diffusion_jax import builders, diffusion, run_logging, samplers, xla_flags
 from diffusion_jax.conditioning import low_res
 from diffusion_jax.evaluation import image_metrics
 
@@ -51,7 +51,7 @@ def ddim_from(denoise, schedule, prediction, x0_true, t_start, num_steps, clip, 
     x0 = jnp.clip(x0, -1.0, 1.0) if clip else x0
     eps = diffusion.eps_from_x0(a, x, x0)
     x = np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * eps
-  return metrics.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0))), int(ts[-1])
+  return run_logging.to_uint8(np.asarray(jnp.clip(x, -1.0, 1.0))), int(ts[-1])
 
 
 def main():

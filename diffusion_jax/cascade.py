@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import builders, config_lib, generation, metrics, sample
+from diffusion_jax import builders, config_lib, generation, run_logging, sample
 from diffusion_jax.conditioning import Conditioning, Request
 from diffusion_jax.sample_io import save_samples
 
@@ -159,7 +159,7 @@ def sample_cascade(config: ml_collections.ConfigDict, workdir: str) -> list[str]
   for i, images in enumerate(outputs):
     name = f"{c.name}_stage{i}_{images.shape[1]}"
     paths.append(save_samples(out_dir, name, images, labels, captions))
-  metrics.save_image_grid(os.path.join(out_dir, c.name + ".png"), side_by_side(outputs),
+  run_logging.save_image_grid(os.path.join(out_dir, c.name + ".png"), side_by_side(outputs),
                           nrow=len(outputs), upscale=max(1, 64 // outputs[-1].shape[1]))
   logging.info("Wrote %d cascade samples per stage to %s", c.num_samples, out_dir)
   return paths

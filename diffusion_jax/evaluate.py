@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import builders, cascade, checkpointing, generation, input_pipeline
-from diffusion_jax import metrics
+from diffusion_jax import run_logging
 from diffusion_jax import parallel, sample
 from diffusion_jax.conditioning import Conditioning, Request
 from diffusion_jax.evaluation import bpd, conditional_metrics, inception_metrics, npz_io
@@ -155,7 +155,7 @@ def _eval_inputs(config: ml_collections.ConfigDict, conditioning: Conditioning, 
   inputs = conditioning.batch_inputs(examples)
   named = [k for k in inputs if k in config.sample and str(config.sample[k]).strip()]
   return ({k: v for k, v in inputs.items() if k not in named},
-          metrics.to_uint8(examples["image"]))
+          run_logging.to_uint8(examples["image"]))
 
 
 def _generate(model, params, config: ml_collections.ConfigDict, mesh,

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import builders, guidance, metrics, parallel, samplers
+from diffusion_jax import builders, guidance, run_logging, parallel, samplers
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.schedules import Schedule
 
@@ -132,7 +132,7 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
     rng = jax.random.fold_in(jax.random.key(seed), i)
     take = lambda v, i=i: _batch_slice(v, i, batch_size, num_samples)
     images = sample_fn(params, rng, jax.tree.map(take, cond), take(guidance_scale), eta)
-    out.append(metrics.to_uint8(parallel.to_host(images)))
+    out.append(run_logging.to_uint8(parallel.to_host(images)))
     elapsed = time.perf_counter() - start
     if elapsed - last >= log_every_seconds or i == num_batches - 1:
       last = elapsed

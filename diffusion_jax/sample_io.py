@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusion_jax import metrics
+from diffusion_jax import run_logging
 
 _CHAR_PX, _LINE_PX = 6, 11  # PIL's built-in bitmap font: width per char, line height
 
@@ -44,8 +44,8 @@ def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None
     for r, c in enumerate(classes):
       row = images[labels == c][:ncol]
       tiles[r * ncol:r * ncol + len(row)] = row
-  grid = metrics.make_grid(tiles, nrow=ncol)
-  metrics.save_image_grid(path, tiles, nrow=ncol, upscale=upscale)
+  grid = run_logging.make_grid(tiles, nrow=ncol)
+  run_logging.save_image_grid(path, tiles, nrow=ncol, upscale=upscale)
   return grid
 
 

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 
 from diffusion_jax import (builders, checkpointing, config_lib, diffusion, generation,
-                           input_pipeline, metrics, models, optim, parallel, preemption,
+                           input_pipeline, run_logging, models, optim, parallel, preemption,
                            sample_io, workdir_lock)
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
@@ -136,7 +136,7 @@ class Trainer:
     self.conditioning = Conditioning(config)
     self.train_step = make_train_step(self.model, self.schedule, self.tx, config, self.mesh,
                                       self.conditioning)
-    self.writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    self.writer = run_logging.MetricWriter(workdir, enabled=jax.process_index() == 0)
     self._grid_fn, self._grid_inputs = None, None
 
   def next_batch(self) -> dict:
@@ -181,7 +181,7 @@ class Trainer:
                                                 self.mesh, conditioning=self.conditioning)
     rng = jax.random.fold_in(jax.random.fold_in(self.key, _GRID), step)
     request = self._grid_request(n)
-    images = metrics.to_uint8(parallel.to_host(
+    images = run_logging.to_uint8(parallel.to_host(
         self._grid_fn(state.ema_params, rng, request.cond)))
     if jax.process_index() == 0:
       grid_dir = os.path.join(self.workdir, "grids")
@@ -256,7 +256,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   t = config.training
   start = int(state.step)
   last_saved = start if start > 0 else None
-  progress = metrics.Progress(t.num_train_steps, start, batch_size=t.batch_size)
+  progress = run_logging.Progress(t.num_train_steps, start, batch_size=t.batch_size)
   train_key = jax.random.fold_in(trainer.key, _TRAIN)
   window, pending = [], None  # host-side stats since the last log; last step's stats
   last_log = (start, time.perf_counter())

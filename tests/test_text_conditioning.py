@@ -9,7 +9,7 @@ import pytest
 from configs import cascade as cascade_config
 from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
 from diffusion_jax import (builders, cascade, checkpointing, config_lib, evaluate,
-                           generation, input_pipeline, metrics, models, optim, parallel,
+                           generation, input_pipeline, run_logging, models, optim, parallel,
                            sample, train)
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import image_metrics, shapes_checker
@@ -190,7 +190,7 @@ def test_eval_mode_on_a_super_resolution_stage(text_runs):
   assert set(report["metrics"]) == {"psnr_ssim", "bpd"}
   assert "text-conditioned" in report["skipped"]["caption_accuracy"]
   samples = np.load(report["samples_file"])["arr_0"]
-  real = metrics.to_uint8(next(input_pipeline.create_eval_iterator(config.data, 8))["image"])
+  real = run_logging.to_uint8(next(input_pipeline.create_eval_iterator(config.data, 8))["image"])
   got = report["metrics"]["psnr_ssim"]
   np.testing.assert_allclose(got["psnr"], np.mean(image_metrics.psnr(samples, real)), rtol=1e-6)
   np.testing.assert_allclose(got["ssim"], np.mean(image_metrics.ssim(samples, real)), rtol=1e-6)

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from diffusion_jax import metrics, superres
+from diffusion_jax import run_logging, superres
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import image_metrics, npz_io, shapes_checker
 
@@ -60,7 +60,7 @@ def superres_quality(images: np.ndarray, real: Optional[np.ndarray],
   out = {"num_samples": len(images)}
   out.update(_pair_scores("", images, real))
   for method in ("bilinear", "bicubic"):
-    up = metrics.to_uint8(np.asarray(superres.upsample(low_res, images.shape[1], method)))
+    up = run_logging.to_uint8(np.asarray(superres.upsample(low_res, images.shape[1], method)))
     out.update(_pair_scores(method + "_", up, real))
   return out, None
 

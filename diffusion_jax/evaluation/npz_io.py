@@ -45,7 +45,7 @@ def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8:
     raise ValueError(f"{what} must be uint8 in 0..255, got {images.dtype}; convert "
-                     "[-1, 1] floats with diffusion_jax.metrics.to_uint8.")
+                     "[-1, 1] floats with diffusion_jax.run_logging.to_uint8.")
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     hint = " (it looks like NCHW: transpose to NHWC)" if (
         images.ndim == 4 and images.shape[1] in (1, 3)) else ""

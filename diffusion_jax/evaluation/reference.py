@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import input_pipeline, metrics
+from diffusion_jax import input_pipeline, run_logging
 from diffusion_jax.evaluation import inception, stats
 
 
@@ -39,7 +39,7 @@ def real_images(data_config: ml_collections.ConfigDict, split: str, batch_size: 
                                            process_index=0, process_count=1)
   seen = 0
   for batch in it:
-    images = metrics.to_uint8(batch["image"][batch["mask"]])  # exact: k/127.5-1 -> k
+    images = run_logging.to_uint8(batch["image"][batch["mask"]])  # exact: k/127.5-1 -> k
     if max_examples:
       images = images[:max_examples - seen]
     seen += len(images)

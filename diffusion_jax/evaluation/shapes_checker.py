@@ -49,7 +49,7 @@ def check_images(images: np.ndarray) -> np.ndarray:
   side = shapes.IMAGE_SIZE
   if images.dtype != np.uint8:
     raise ValueError(f"images must be uint8 in 0..255, got {images.dtype}; "
-                     "convert [-1, 1] floats with diffusion_jax.metrics.to_uint8.")
+                     "convert [-1, 1] floats with diffusion_jax.run_logging.to_uint8.")
   if images.ndim != 4 or images.shape[1:] != (side, side, 3):
     raise ValueError(f"images must be [N, {side}, {side}, 3] (NHWC RGB), got "
                      f"shape {images.shape}.")
