@@ -54,7 +54,7 @@ class TextConditioner:
     self.max_length = c.text_max_length
     self._encoder = FrozenTextEncoder.pretrained(
         c.frozen_encoder_path or None, max_length=self.max_length,
-        dtype=c.get("frozen_encoder_dtype", "float32"))
+        dtype=c.frozen_encoder_dtype)
     width = self._encoder.module.config.hidden_size
     if m.cross_attn_dim != width or m.cond_vector_dim != width:
       raise ValueError(
@@ -64,7 +64,7 @@ class TextConditioner:
     # Least recently used captions are evicted beyond `text_cache_size` entries
     # (24 x 384 floats = 37 KB each for all-MiniLM-L6-v2 at 24 tokens).
     self._memo: collections.OrderedDict[str, tuple] = collections.OrderedDict()
-    self._cache_size = c.get("text_cache_size", 100_000)
+    self._cache_size = c.text_cache_size
 
   def __call__(self, captions: Sequence) -> dict[str, np.ndarray]:
     """Text conditioning for B captions (str or bytes): a dict of [B, ...] arrays."""
