@@ -42,9 +42,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import builders, cascade, checkpointing, generation, input_pipeline
-from diffusion_jax import run_logging
-from diffusion_jax import parallel, sample
+from diffusion_jax import (builders, cascade, checkpointing, generation, input_pipeline,
+                           parallel, run_logging, sample)
 from diffusion_jax.conditioning import Conditioning, Request
 from diffusion_jax.evaluation import bpd, conditional_metrics, inception_metrics, npz_io
 
@@ -273,15 +272,14 @@ def evaluate_cascade(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   single stages: eval mode on a stage's own workdir gives them.
   """
   stage_configs = cascade.stages(config)
-  c, final = config.cascade, stage_configs[-1]
-  with final.unlocked():
-    final.eval.num_samples, final.eval.seed = c.num_samples, c.seed
+  c, base, final = config.cascade, stage_configs[0], stage_configs[-1]
+  final.eval.num_samples, final.eval.seed = c.num_samples, c.seed
   _check_settings(final, workdir)
-  base = stage_configs[0]
-  given, _ = _eval_inputs(base, Conditioning(base), c.num_samples)
+  base_conditioning, name = Conditioning(base), f"{c.name}_n{c.num_samples}_seed{c.seed}"
+  given, _ = _eval_inputs(base, base_conditioning, c.num_samples)
   start = time.perf_counter()
   outputs, request = cascade.run_cascade(config, given)
-  report = {**_report_header(final, workdir, Conditioning(base)),
+  report = {**_report_header(final, workdir, base_conditioning),
             "cascade": {"workdirs": list(c.workdirs), "batch_size": c.batch_size,
                         "samplers": [_sampler_settings(s, Conditioning(s))
                                      for s in stage_configs]},
@@ -290,9 +288,8 @@ def evaluate_cascade(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     if metric in final.eval.metrics:
       report["skipped"][metric] = ("a single stage's metric: run eval mode on that stage's "
                                    "workdir")
-  _score(final, Conditioning(base), outputs[-1], request, None, workdir,
-         f"{c.name}_n{c.num_samples}_seed{c.seed}", report)
-  _write_report(report, workdir, f"{c.name}_n{c.num_samples}_seed{c.seed}")
+  _score(final, base_conditioning, outputs[-1], request, None, workdir, name, report)
+  _write_report(report, workdir, name)
   return report
 
 

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import builders, guidance, run_logging, parallel, samplers
+from diffusion_jax import builders, guidance, parallel, run_logging, samplers
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.schedules import Schedule
 

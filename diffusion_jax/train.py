@@ -20,7 +20,7 @@ import optax
 from absl import logging
 
 from diffusion_jax import (builders, checkpointing, config_lib, diffusion, generation,
-                           input_pipeline, run_logging, models, optim, parallel, preemption,
+                           input_pipeline, models, optim, parallel, preemption, run_logging,
                            sample_io, workdir_lock)
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update

@@ -9,7 +9,7 @@ import pytest
 from configs import cascade as cascade_config
 from configs import shapes_sr32, shapes_text_frozen, shapes_text_glide
 from diffusion_jax import (builders, cascade, checkpointing, config_lib, evaluate,
-                           generation, input_pipeline, run_logging, models, optim, parallel,
+                           generation, input_pipeline, models, optim, parallel, run_logging,
                            sample, train)
 from diffusion_jax.datasets import shapes
 from diffusion_jax.evaluation import image_metrics, shapes_checker

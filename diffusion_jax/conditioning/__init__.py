@@ -48,7 +48,8 @@ from diffusion_jax.config_checks import one_of, require
 from diffusion_jax.schedules import Schedule
 
 KINDS: tuple[type[base.Kind], ...] = (Labels, Text, LowRes)
-TYPES = ("none", "class", "text")  # conditioning.type
+# conditioning.type: "none", or a kind's own type ("class", "text").
+TYPES = ("none",) + tuple(k.conditioning_type for k in KINDS if k.conditioning_type)
 
 
 @dataclasses.dataclass

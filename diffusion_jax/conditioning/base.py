@@ -27,8 +27,11 @@ class Kind:
       model also learns the unconditional model and can be guided.
     upsamples: True if it is the previous cascade stage's output (the
       stage's `inputs` then name it first).
+    conditioning_type: the `conditioning.type` that selects this kind (None:
+      the kind overrides `active`).
   """
   name = ""
+  conditioning_type: Optional[str] = None
   inputs: tuple[str, ...] = ()
   droppable = False
   upsamples = False
@@ -36,10 +39,11 @@ class Kind:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 
-  @staticmethod
-  def active(config: ml_collections.ConfigDict) -> bool:
+  @classmethod
+  def active(cls, config: ml_collections.ConfigDict) -> bool:
     """Whether `config`'s model takes this kind of conditioning."""
-    raise NotImplementedError
+    return cls.conditioning_type is not None and (
+        config.conditioning.type == cls.conditioning_type)
 
   @staticmethod
   def validate(config: ml_collections.ConfigDict) -> None:

@@ -22,16 +22,13 @@ from diffusion_jax.config_checks import require
 class Labels(base.Kind):
   """Class-conditional models: the data set's labels through a class embedding."""
   name = "class labels"
+  conditioning_type = "class"
   inputs = ("labels",)
   droppable = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     self.num_classes = config.model.num_classes
-
-  @staticmethod
-  def active(config: ml_collections.ConfigDict) -> bool:
-    return config.conditioning.type == "class"
 
   @staticmethod
   def validate(config: ml_collections.ConfigDict) -> None:

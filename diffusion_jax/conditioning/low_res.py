@@ -33,8 +33,8 @@ class LowRes(base.Kind):
   inputs = ("low_res",)
   upsamples = True
 
-  @staticmethod
-  def active(config: ml_collections.ConfigDict) -> bool:
+  @classmethod
+  def active(cls, config: ml_collections.ConfigDict) -> bool:
     return config.model.low_res_channels > 0
 
   @staticmethod

@@ -26,6 +26,7 @@ FROZEN_KEYS = ("tokens", "mask", "vector")
 class Text(base.Kind):
   """Text-conditioned models; the encoder is built on first use (host side)."""
   name = "text"
+  conditioning_type = "text"
   inputs = ("captions",)
   droppable = True
 
@@ -51,10 +52,6 @@ class Text(base.Kind):
       with jax.ensure_compile_time_eval():
         self._null = {k: np.asarray(v) for k, v in self.encoder.null(1).items()}
     return self._null
-
-  @staticmethod
-  def active(config: ml_collections.ConfigDict) -> bool:
-    return config.conditioning.type == "text"
 
   @staticmethod
   def validate(config: ml_collections.ConfigDict) -> None:
