@@ -26,9 +26,21 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
+def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The shape of one diffused (and sampled) example: an image, or for the unCLIP
+  prior (model.name="prior") a CLIP image embedding (D,)."""
+  if config.model.name == "prior":
+    return (config.model.prior.embed_dim,)
+  return image_shape(config)
+
+
 def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
-  """The model's initial parameters, from a dummy batch of one image."""
-  x = jnp.zeros((1,) + image_shape(config), jnp.float32)
+  """The model's initial parameters, from a dummy batch of one example."""
+  if config.model.name == "clip":
+    pixels = jnp.zeros((1,) + image_shape(config), jnp.float32)
+    ids = jnp.zeros((1, config.model.clip.context_length), jnp.int32)
+    return model.init(rng, pixels, ids, ids > -1)["params"]
+  x = jnp.zeros((1,) + sample_shape(config), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   return model.init(rng, x, t, init_cond(config), train=False)["params"]
 

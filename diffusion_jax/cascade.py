@@ -86,8 +86,8 @@ def _with_cascade_request(config: ml_collections.ConfigDict,
       base[name] = spec
 
 
-def _sample_stage(stage_config, workdir: str, given: dict, num_samples: int,
-                  batch_size: int, seed: int):
+def sample_stage(stage_config, workdir: str, given: dict, num_samples: int,
+                 batch_size: int, seed: int):
   """(uint8 [N, S, S, C], its Request) from one stage's latest (or configured) EMA
   parameters; `given`: the base's labels and captions, the previous stage's images."""
   conditioning = Conditioning(stage_config)
@@ -133,13 +133,24 @@ def run_cascade(config: ml_collections.ConfigDict, base_given: Optional[dict] = 
   stage_configs = stages(config)
   _with_cascade_request(config, stage_configs)
   check_chain(stage_configs)
-  outputs, given, base_request = [], dict(base_given or {}), None
-  for i, (stage_config, stage_dir) in enumerate(zip(stage_configs, c.workdirs)):
+  return run_stages(stage_configs, c.workdirs, dict(base_given or {}), c.num_samples,
+                    c.batch_size, c.seed)
+
+
+def run_stages(stage_configs: list[ml_collections.ConfigDict], workdirs, base_given: dict,
+               num_samples: int, batch_size: int, seed: int
+               ) -> tuple[list[np.ndarray], Request]:
+  """Stage 0 on `base_given`, then each upsampler on the previous stage's output.
+
+  Returns (uint8 outputs of each stage, the base's Request); stage i uses seed + i.
+  """
+  outputs, given, base_request = [], base_given, None
+  for i, (stage_config, stage_dir) in enumerate(zip(stage_configs, workdirs)):
     if i > 0:  # the previous stage's images, exactly as written to disk
       upsampled = Conditioning(stage_config).upsampled_input
       given[upsampled] = outputs[-1].astype(np.float32) / 127.5 - 1.0
-    images, request = _sample_stage(stage_config, stage_dir, given, c.num_samples,
-                                    c.batch_size, c.seed + i)
+    images, request = sample_stage(stage_config, stage_dir, given, num_samples, batch_size,
+                                   seed + i)
     outputs.append(images)
     if i == 0:  # every later stage takes the base's labels and captions
       base_request = request

@@ -35,7 +35,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"sample_every_steps={t.sample_every_steps}), got {t.num_grid_samples}.")
   _validate_optim(o)
   validate_sample(config)  # with the conditioning, which owns its checks
-  _validate_attention(config)
+  _validate_unclip_models(config)
+  if config.model.name not in ("prior", "clip"):
+    _validate_attention(config)
   pa = config.parallel
   _require(pa.fsdp_axis_size >= 1, f"parallel.fsdp_axis_size must be >= 1, got "
            f"{pa.fsdp_axis_size}.")
@@ -83,6 +85,28 @@ def _validate_optim(o: ml_collections.ConfigDict) -> None:
              f"divides by 1 - {name}^t), got {o[name]}.")
   _require(o.eps > 0 and o.weight_decay >= 0, f"optim.eps must be > 0 and optim.weight_decay "
            f">= 0, got {o.eps} and {o.weight_decay}.")
+
+
+def _validate_unclip_models(config: ml_collections.ConfigDict) -> None:
+  """A CLIP or the unCLIP prior: what the image-model machinery must not do to them."""
+  m, t, d = config.model, config.training, config.data
+  if m.name not in ("prior", "clip"):
+    return
+  _require(not t.sample_every_steps, f"model.name={m.name!r} makes no images: set "
+           f"training.sample_every_steps=0 (training grids are image grids), got "
+           f"{t.sample_every_steps}.")
+  if m.name == "prior":
+    _require(config.sample.thresholding == "none", "The unCLIP prior samples CLIP "
+             "embeddings (norm sqrt(D)), not images in [-1, 1]: set "
+             f"sample.thresholding='none', got {config.sample.thresholding!r}.")
+    return
+  _require(config.conditioning.type == "none" and not m.image_embed_dim,
+           "A CLIP (model.name='clip') is trained on (image, caption) pairs without "
+           "diffusion conditioning: set conditioning.type='none' and model.image_embed_dim=0.")
+  _require(bool(d.caption_key), "A CLIP (model.name='clip') learns from captions: set "
+           "data.caption_key (e.g. 'caption' for the shapes data set).")
+  _require(m.clip.image_size == d.image_size, f"model.clip.image_size={m.clip.image_size} must "
+           f"be data.image_size={d.image_size}.")
 
 
 def _validate_attention(config: ml_collections.ConfigDict) -> None:

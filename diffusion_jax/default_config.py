@@ -72,6 +72,36 @@ def get_config() -> ml_collections.ConfigDict:
   model.text_num_heads = 4
   model.low_res_channels = 0
   model.low_res_upsample = "bilinear"  # "nearest", "bilinear" or "bicubic".
+  # > 0 (= the CLIP's embed_dim): an unCLIP decoder, conditioned on a CLIP image
+  # embedding (conditioning.clip_workdir), added to the timestep embedding and
+  # projected to image_embed_tokens extra cross-attention tokens (DALL-E 2).
+  model.image_embed_dim = 0
+  model.image_embed_tokens = 4  # Needs cross_attn_dim > 0 (0 = no extra tokens).
+  # model.name = "prior": DALL-E 2's diffusion prior over CLIP image embeddings
+  # (models/prior.py); its fields, the U-Net's above are unused. embed_dim,
+  # text_width and max_text_length must be the CLIP's (checked on load).
+  model.prior = ml_collections.ConfigDict()
+  model.prior.embed_dim = 64
+  model.prior.text_width = 64
+  model.prior.max_text_length = 72
+  model.prior.width = 128
+  model.prior.num_layers = 4
+  model.prior.num_heads = 4
+  model.prior.dropout = 0.0
+  # model.name = "clip": a contrastive text-image model (clip/model.py), trained
+  # by the symmetric InfoNCE loss on (image, caption) pairs; the U-Net's fields
+  # are unused. Captions are byte-tokenized (text/tokenizers.ByteTokenizer).
+  model.clip = ml_collections.ConfigDict()
+  model.clip.embed_dim = 64
+  model.clip.image_size = 32  # Must be data.image_size.
+  model.clip.patch_size = 4
+  model.clip.vision_width = 64
+  model.clip.vision_layers = 2
+  model.clip.vision_heads = 4
+  model.clip.context_length = 72  # Bytes per caption, with begin and end tokens.
+  model.clip.text_width = 64
+  model.clip.text_layers = 2
+  model.clip.text_heads = 4
 
   # ---- Conditioning (what the model is conditioned on) ---------------------
   config.conditioning = conditioning = ml_collections.ConfigDict()
@@ -95,6 +125,16 @@ def get_config() -> ml_collections.ConfigDict:
   # network also learns the unconditional model (classifier-free guidance
   # needs it > 0; Ho & Salimans 2021 use 0.1-0.2).
   conditioning.p_uncond = 0.1
+  # unCLIP (DALL-E 2): the CLIP whose embeddings condition the model, either a
+  # workdir of a CLIP trained here (model.name="clip") or a Hugging Face
+  # CLIPModel folder (clip_path); used by the decoder (model.image_embed_dim)
+  # and by the prior (conditioning.type="clip_text": the caption's CLIP token
+  # states and text embedding).
+  conditioning.clip_workdir = ""
+  conditioning.clip_path = ""
+  # A decoder's training image embedding is replaced by zeros with this
+  # probability (DALL-E 2: 10%; its captions, if any, at p_uncond, 50% there).
+  conditioning.p_uncond_image_embed = 0.1
 
   # ---- Super-resolution stages (used when model.low_res_channels > 0) -------
   # Levels are fractions of the schedule: level f means the forward process at

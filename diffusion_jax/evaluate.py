@@ -229,6 +229,13 @@ def _score(config: ml_collections.ConfigDict, conditioning: Conditioning, images
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Eval mode; returns the report (also written to <workdir>/eval/report_<name>.json)."""
+  if config.model.name in ("clip", "prior"):
+    # pylint: disable-next=g-import-not-at-top  (unclip imports this module)
+    from diffusion_jax.unclip import evaluation as unclip_eval
+    if config.model.name == "prior":
+      raise ValueError(f"{workdir} holds an unCLIP prior: evaluate it in its pipeline, "
+                       "--mode=eval --config=configs/unclip.py:PRIOR_DIR,DECODER_DIR.")
+    return unclip_eval.clip_report(config, workdir)
   _check(config, workdir)
   conditioning = Conditioning(config)
   sample.check_request(config, workdir, conditioning)
@@ -244,7 +251,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report["metrics"]["bpd"] = bpd.bits_per_dim_on_split(model, params, config, mesh,
                                                          conditioning)
     report["timing_seconds"]["bpd"] = round(time.perf_counter() - start, 1)
-  _write_report(report, workdir, name)
+  write_report(report, workdir, name)
   return report
 
 
@@ -289,11 +296,11 @@ def evaluate_cascade(config: ml_collections.ConfigDict, workdir: str) -> dict[st
       report["skipped"][metric] = ("a single stage's metric: run eval mode on that stage's "
                                    "workdir")
   _score(final, base_conditioning, outputs[-1], request, None, workdir, name, report)
-  _write_report(report, workdir, name)
+  write_report(report, workdir, name)
   return report
 
 
-def _write_report(report: dict[str, Any], workdir: str, name: str) -> None:
+def write_report(report: dict[str, Any], workdir: str, name: str) -> None:
   """<workdir>/eval/report_<name>.json, atomically (process 0); logs the metrics."""
   for warning in report["warnings"]:
     logging.warning("%s", warning)

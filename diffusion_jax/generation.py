@@ -62,7 +62,7 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   if guided and not conditioning.guidable:
     raise ValueError(f"Guidance needs a class- or text-conditional model; this one is "
                      f"conditioned on {conditioning.describe()}.")
-  shape = (batch_size,) + builders.image_shape(config)
+  shape = (batch_size,) + builders.sample_shape(config)
   data = parallel.data_sharded(mesh)
   kwargs = dict(method=s.method, num_steps=s.num_steps or None,
                 prediction=config.diffusion.prediction, variance=s.variance,
@@ -109,7 +109,8 @@ def _batch_slice(values, i: int, batch_size: int, num_samples: int):
 
 def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
              seed: int, eta: Optional[float] = None, log_every_seconds: float = 10.0, *,
-             cond: Optional[dict] = None, guidance_scale=None) -> np.ndarray:
+             cond: Optional[dict] = None, guidance_scale=None,
+             as_images: bool = True) -> np.ndarray:
   """Runs sample_fn in batches: uint8 [num_samples, H, W, C] on every host.
 
   Args:
@@ -124,6 +125,8 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
       arrays (`Conditioning.request(...).cond`); None if unconditional.
     guidance_scale: a scalar or a per-sample [num_samples] array; None means
       the config's.
+    as_images: False returns the samples as float32 (the unCLIP prior's CLIP
+      embeddings [num_samples, D]) instead of uint8 images.
   """
   _check_generate_args(sample_fn, num_samples, batch_size, cond, guidance_scale)
   out, start, last = [], time.perf_counter(), 0.0
@@ -132,7 +135,8 @@ def generate(sample_fn: Callable, params, num_samples: int, batch_size: int,
     rng = jax.random.fold_in(jax.random.key(seed), i)
     take = lambda v, i=i: _batch_slice(v, i, batch_size, num_samples)
     images = sample_fn(params, rng, jax.tree.map(take, cond), take(guidance_scale), eta)
-    out.append(run_logging.to_uint8(parallel.to_host(images)))
+    host = parallel.to_host(images)
+    out.append(run_logging.to_uint8(host) if as_images else np.asarray(host, np.float32))
     elapsed = time.perf_counter() - start
     if elapsed - last >= log_every_seconds or i == num_batches - 1:
       last = elapsed

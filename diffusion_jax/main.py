@@ -7,6 +7,8 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
   python -m diffusion_jax.main --mode=sample --workdir=OUT \
       --config=configs/cascade.py:BASE_DIR,SR_DIR             # a cascade, stage by stage
                                                               # (--mode=eval scores it)
+  python -m diffusion_jax.main --mode=sample --workdir=OUT \
+      --config=configs/unclip.py:PRIOR_DIR,DECODER_DIR        # unCLIP (DALL-E 2)
 
 `--config.a.b=value` overrides any field; a misspelt field is an error.
 """
@@ -20,6 +22,8 @@ from ml_collections import config_flags
 
 from diffusion_jax import (cascade, checkpointing, evaluate, multihost, sample, train,
                            xla_flags)
+from diffusion_jax.unclip import evaluation as unclip_eval
+from diffusion_jax.unclip import pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -118,7 +122,16 @@ def main(argv):
   if added_xla_flags:
     logging.info("Default XLA flags added (yours in XLA_FLAGS take precedence): %s",
                  " ".join(added_xla_flags))
-  if "cascade" in config:
+  if "unclip" in config:
+    if FLAGS.mode == "train":
+      raise app.UsageError("An unCLIP config (configs/unclip.py) is for --mode=sample or "
+                           "--mode=eval; train the CLIP, prior and decoder with their own "
+                           "configs (configs/shapes_clip.py, shapes_unclip_*.py).")
+    if FLAGS.mode == "eval":
+      unclip_eval.evaluate_unclip(config, FLAGS.workdir)
+    else:
+      pipeline.sample_unclip(config, FLAGS.workdir)
+  elif "cascade" in config:
     if FLAGS.mode == "train":
       raise app.UsageError("A cascade config (configs/cascade.py) is for --mode=sample or "
                            "--mode=eval; train each stage with its own config.")

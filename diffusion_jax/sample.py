@@ -28,6 +28,10 @@ from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.sample_io import save_samples
 
 
+_UNCLIP_PART = {"clip": "a CLIP (model.name='clip')",
+                "prior": "an unCLIP prior (model.name='prior')"}
+
+
 def sample_name(config: ml_collections.ConfigDict, step: int) -> str:
   """The file stem of a sample run: sampler, steps, checkpoint step, seed, n, scale."""
   s = config.sample
@@ -57,6 +61,11 @@ def check_request(config: ml_collections.ConfigDict, workdir: str,
 
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   """Sample-only mode: latest (or configured) EMA params -> samples on disk."""
+  if config.model.name in ("clip", "prior"):
+    raise ValueError(f"{workdir} holds {_UNCLIP_PART[config.model.name]}, which draws no "
+                     "images by itself: sample it in the unCLIP pipeline, --config="
+                     "configs/unclip.py:PRIOR_DIR,DECODER_DIR (--mode=eval on a CLIP scores "
+                     "its caption retrieval).")
   conditioning = Conditioning(config)
   check_request(config, workdir, conditioning)
   s = config.sample

@@ -84,9 +84,11 @@ def save_captioned_grid(path: str, images: np.ndarray, captions: Sequence[str],
 
 def save_samples(directory: str, name: str, images: np.ndarray,
                  labels: Optional[np.ndarray] = None,
-                 captions: Optional[Sequence[str]] = None) -> str:
+                 captions: Optional[Sequence[str]] = None,
+                 extra: Optional[dict[str, np.ndarray]] = None) -> str:
   """Writes <name>.npz (arr_0 uint8 NHWC, `labels` int32 [N] and `captions` str [N]
-  if given) and <name>.png; returns the npz path."""
+  if given, and the `extra` arrays, e.g. unCLIP's `image_embeds`) and <name>.png;
+  returns the npz path."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, name + ".npz")
   tmp = path + ".tmp.npz"
@@ -95,6 +97,7 @@ def save_samples(directory: str, name: str, images: np.ndarray,
     arrays["labels"] = np.asarray(labels, np.int32)
   if captions is not None:
     arrays["captions"] = np.asarray(list(captions), dtype=str)
+  arrays.update(extra or {})
   np.savez(tmp, **arrays)
   os.replace(tmp, path)  # never leave a half-written result under the real name
   png = os.path.join(directory, name + ".png")

@@ -22,6 +22,7 @@ from absl import logging
 from diffusion_jax import (builders, checkpointing, config_lib, diffusion, generation,
                            input_pipeline, models, optim, parallel, preemption, run_logging,
                            sample_io, workdir_lock)
+from diffusion_jax.clip import training as clip_training
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.train_state import TrainState, ema_decay_at, ema_update
 
@@ -86,34 +87,44 @@ def train_step_fn(model, schedule, tx: optax.GradientTransformation,
                   config: ml_collections.ConfigDict,
                   conditioning: Optional[Conditioning] = None) -> Callable:
   """The un-jitted step of `make_train_step` (benchmarks wrap it differently)."""
-  df, o = config.diffusion, config.optim
-  conditioning = conditioning or Conditioning(config)
+  o = config.optim
+  objective = (clip_training.loss_fn(model, config) if config.model.name == "clip" else
+               _diffusion_loss_fn(model, schedule, config, conditioning or Conditioning(config)))
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array):
     rng = jax.random.fold_in(key, state.step)
-    dropout_rng, diffusion_rng = jax.random.split(rng)
-    cond = conditioning.train(batch, rng, schedule)
-
-    def loss_fn(params):
-      def denoise_fn(x, t):
-        return model.apply({"params": params}, x, t, cond, train=True,
-                           rngs={"dropout": dropout_rng})
-      per_example = diffusion.loss(denoise_fn, schedule, batch["image"], diffusion_rng,
-                                   prediction=df.prediction, weighting=df.weighting,
-                                   min_snr_gamma=df.min_snr_gamma)
-      return jnp.mean(per_example)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, o.ema_decay, o.ema_warmup)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params, decay))
-    stats = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+    stats = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                  lr=optim.current_lr(opt_state), ema_decay=decay)
     return new_state, stats
 
   return step_fn
+
+
+def _diffusion_loss_fn(model, schedule, config: ml_collections.ConfigDict,
+                       conditioning: Conditioning) -> Callable:
+  """(params, batch, rng) -> (loss, {}): Algorithm 1 on the batch's images (or, for
+  the unCLIP prior, its CLIP image embeddings), conditioned as `conditioning` says."""
+  df = config.diffusion
+
+  def fn(params, batch, rng):
+    dropout_rng, diffusion_rng = jax.random.split(rng)
+    cond = conditioning.train(batch, rng, schedule)
+
+    def denoise_fn(x, t):
+      return model.apply({"params": params}, x, t, cond, train=True,
+                         rngs={"dropout": dropout_rng})
+    per_example = diffusion.loss(denoise_fn, schedule, batch["image"], diffusion_rng,
+                                 prediction=df.prediction, weighting=df.weighting,
+                                 min_snr_gamma=df.min_snr_gamma)
+    return jnp.mean(per_example), {}
+
+  return fn
 
 
 class Trainer:
@@ -142,6 +153,9 @@ class Trainer:
   def next_batch(self) -> dict:
     """The next global batch on the mesh; captions become text arrays here."""
     batch = next(self.data_iter)
+    if self.config.model.name == "clip":
+      batch = clip_training.prepare_batch(batch, self.config.model.clip.context_length)
+      return parallel.to_global(batch, self.mesh)
     if self._grid_inputs is None:  # training grids condition on the first batch's inputs
       self._grid_inputs = self.conditioning.sample_inputs(batch)
     return parallel.to_global(self.conditioning.prepare_batch(batch), self.mesh)

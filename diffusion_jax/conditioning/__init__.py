@@ -6,8 +6,14 @@ keys). Each kind of conditioning owns its keys, in its own module:
   labels.py   class labels, `label` (conditioning.type = "class")
   text.py     captions through a trained or frozen encoder (conditioning.type
               = "text")
+  clip_text.py
+              captions through a CLIP's text encoder, the unCLIP prior's
+              (conditioning.type = "clip_text")
   low_res.py  a super-resolution stage's input image, `low_res` and
               `aug_level` (model.low_res_channels > 0)
+  image_embedding.py
+              a CLIP image embedding, `image_embed`, the unCLIP decoder's
+              (model.image_embed_dim > 0)
 
 A model may combine kinds (a class- or text-conditional super-resolution
 stage). `Conditioning(config)` gathers the active ones; it is all the run
@@ -41,13 +47,15 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.conditioning import base
+from diffusion_jax.conditioning.clip_text import ClipText
+from diffusion_jax.conditioning.image_embedding import ImageEmbedding
 from diffusion_jax.conditioning.labels import Labels
 from diffusion_jax.conditioning.low_res import LowRes
 from diffusion_jax.conditioning.text import Text
 from diffusion_jax.config_checks import one_of, require
 from diffusion_jax.schedules import Schedule
 
-KINDS: tuple[type[base.Kind], ...] = (Labels, Text, LowRes)
+KINDS: tuple[type[base.Kind], ...] = (Labels, Text, ClipText, LowRes, ImageEmbedding)
 # conditioning.type: "none", or a kind's own type ("class", "text").
 TYPES = ("none",) + tuple(k.conditioning_type for k in KINDS if k.conditioning_type)
 
@@ -60,10 +68,12 @@ class Request:
     cond: dict of [N, ...] arrays (None for an unconditional model).
     labels: int32 [N] class labels, or None.
     captions: the N captions, or None.
+    image_embeds: float32 [N, D] CLIP image embeddings (unCLIP decoders), or None.
   """
   cond: Optional[dict[str, np.ndarray]]
   labels: Optional[np.ndarray] = None
   captions: Optional[list[str]] = None
+  image_embeds: Optional[np.ndarray] = None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -74,10 +84,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{c.p_uncond}.")
   for kind in KINDS:
     kind.validate(config)
-  guidable = any(k.droppable and k.active(config) for k in KINDS)
-  require(s.guidance_scale == 1.0 or (guidable and c.p_uncond > 0.0),
+  require(s.guidance_scale == 1.0 or _learnt_unconditional(config),
           f"sample.guidance_scale={s.guidance_scale} needs a class- or text-conditional model "
-          "trained with conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise.")
+          "trained with conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise. "
+          "(An unCLIP decoder is guided by conditioning.p_uncond_image_embed > 0.)")
+
+
+def _learnt_unconditional(config: ml_collections.ConfigDict) -> bool:
+  """Whether training dropped some kind's conditioning (so guidance has a model)."""
+  return any(k.droppable and k.active(config) and k.drop_probability(config) > 0
+             for k in KINDS)
 
 
 class Conditioning:
@@ -156,7 +172,8 @@ class Conditioning:
       c, r = kind.request(num_samples, {k: given[k] for k in kind.inputs if k in given})
       cond.update(c)
       record.update(r)
-    return Request(cond or None, record.get("labels"), record.get("captions"))
+    return Request(cond or None, record.get("labels"), record.get("captions"),
+                   record.get("image_embeds"))
 
   def check(self, cond: Optional[dict], batch_size: int) -> Optional[dict]:
     """A sampler call's cond as numpy arrays, checked: keys, rows, dtypes, ranges."""
@@ -187,7 +204,7 @@ class Conditioning:
       raise ValueError(f"sample.guidance_scale={scale} needs a class- or text-conditional "
                        f"model; this one is conditioned on {self.describe()}. Use 1.0.")
     trained = self.config if trained is None else trained
-    if trained.conditioning.p_uncond <= 0.0:
+    if not _learnt_unconditional(trained):
       raise ValueError(
           f"sample.guidance_scale={scale}, but the model was trained without conditioning "
           "dropout (conditioning.p_uncond = 0), so it has no unconditional model to guide "
@@ -214,5 +231,5 @@ def init_cond(config: ml_collections.ConfigDict,
   return Conditioning(config).init(batch_size)
 
 
-__all__ = ["KINDS", "TYPES", "Conditioning", "Labels", "LowRes", "Request", "Text",
+__all__ = ["KINDS", "TYPES", "ClipText", "Conditioning", "ImageEmbedding", "Labels", "LowRes", "Request", "Text",
            "init_cond", "validate"]

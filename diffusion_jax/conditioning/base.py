@@ -10,7 +10,7 @@ import numpy as np
 from diffusion_jax.schedules import Schedule
 
 # Purposes folded into a train step's key (train.py uses 0-2 for its own streams).
-DROP, AUG_LEVEL, AUG_NOISE, BLUR = 3, 4, 5, 6
+DROP, AUG_LEVEL, AUG_NOISE, BLUR, EMBED_DROP = 3, 4, 5, 6, 7
 
 
 class Kind:
@@ -49,6 +49,11 @@ class Kind:
   def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError("Bad config: ...") for this kind's fields, active or not."""
     raise NotImplementedError
+
+  @staticmethod
+  def drop_probability(config: ml_collections.ConfigDict) -> float:
+    """How often training drops this kind (if `droppable`)."""
+    return config.conditioning.p_uncond
 
   def request_keys(self) -> tuple[str, ...]:
     """The `cond` keys a sample request carries for this kind."""

@@ -56,6 +56,8 @@ class Text(base.Kind):
   @staticmethod
   def validate(config: ml_collections.ConfigDict) -> None:
     c, m, d, s = config.conditioning, config.model, config.data, config.sample
+    if c.type == "clip_text" or m.name == "clip":  # the prior's or a CLIP's captions
+      return  # (clip_text.py and config_lib check them)
     if c.type != "text":
       require(m.name != "text_unet", "model.name='text_unet' needs conditioning.type='text'.")
       require(not d.caption_key, f"data.caption_key={d.caption_key!r} reads captions, but "

@@ -5,10 +5,15 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.clip.model import CLIP
+from diffusion_jax.models.prior import PriorTransformer
 from diffusion_jax.models.text_unet import TextTransformer, TextUNet
 from diffusion_jax.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "text_unet": UNet}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "text_unet": UNet,
+                                      "prior": PriorTransformer, "clip": CLIP}
+# Models whose fields live in their own sub-section, config.model.<name>.
+_OWN_SECTIONS = ("prior", "clip")
 # `text_unet` is a UNet inside a TextUNet, with a TextTransformer built from these
 # config fields (model.text_<field>); the UNet takes the transformer's width.
 _TEXT_FIELDS = ("vocab_size", "max_length", "width", "num_layers", "num_heads")
@@ -36,6 +41,23 @@ def _convert(key: str, value: Any) -> Any:
   return value
 
 
+def _section_model(name: str, section: Mapping[str, Any] | None,
+                   out_channels: int) -> nn.Module:
+  """The prior (`model.prior`) or a CLIP (`model.clip`; image size, channels and
+  the byte vocabulary come from the data: `clip_fields`)."""
+  if section is None:
+    raise ValueError(f"model.name={name!r} needs the section model.{name}")
+  cfg = dict(section)
+  cls = MODELS[name]
+  unknown = sorted(set(cfg) - _module_fields(cls))
+  if unknown:
+    raise ValueError(f"model.{name} fields {unknown} are not fields of {cls.__name__}; "
+                     f"valid fields: {sorted(_module_fields(cls))}")
+  if name == "clip":
+    cfg.setdefault("image_channels", out_channels)
+  return cls(**{k: _convert(k, v) for k, v in cfg.items()})
+
+
 def create_model(model_config: Mapping[str, Any], out_channels: int) -> nn.Module:
   """Builds the model named by `model_config.name`.
 
@@ -54,6 +76,9 @@ def create_model(model_config: Mapping[str, Any], out_channels: int) -> nn.Modul
   """
   cfg = dict(model_config)
   name = cfg.pop("name", None)
+  sections = {k: cfg.pop(k) for k in _OWN_SECTIONS if k in cfg}
+  if name in _OWN_SECTIONS:  # a model of its own section; the U-Net's fields are unused
+    return _section_model(name, sections.get(name), out_channels)
   text = {f: cfg.pop(f"text_{f}") for f in _TEXT_FIELDS if f"text_{f}" in cfg}
   if name not in MODELS:
     raise ValueError(f"unknown model.name {name!r}; valid names: {sorted(MODELS)}")
@@ -83,4 +108,4 @@ def create_model(model_config: Mapping[str, Any], out_channels: int) -> nn.Modul
   return TextUNet(unet=unet, text=TextTransformer(**text, **kw))
 
 
-__all__ = ["MODELS", "TextTransformer", "TextUNet", "UNet", "create_model"]
+__all__ = ["CLIP", "MODELS", "PriorTransformer", "TextTransformer", "TextUNet", "UNet", "create_model"]

@@ -76,7 +76,8 @@ def _check_fields(m: "UNet") -> None:
       raise ValueError(f"UNet.{name} must be an int >= 1, got {v!r}")
   nonneg = dict(head_dim=m.head_dim, out_channels=m.out_channels, num_classes=m.num_classes,
                 cond_vector_dim=m.cond_vector_dim, cross_attn_dim=m.cross_attn_dim,
-                low_res_channels=m.low_res_channels)
+                low_res_channels=m.low_res_channels, image_embed_dim=m.image_embed_dim,
+                image_embed_tokens=m.image_embed_tokens)
   for name, v in nonneg.items():
     if not isinstance(v, int) or v < 0:
       raise ValueError(f"UNet.{name} must be an int >= 0, got {v!r}")
@@ -98,6 +99,10 @@ def _check_fields(m: "UNet") -> None:
     raise ValueError(
         "UNet.cross_attn_dim > 0 and a non-empty cross_attn_resolutions go together; got "
         f"cross_attn_dim={m.cross_attn_dim}, cross_attn_resolutions={m.cross_attn_resolutions}")
+  if m.image_embed_dim and m.image_embed_tokens and not m.cross_attn_dim:
+    raise ValueError(f"UNet.image_embed_tokens={m.image_embed_tokens} makes cross-attention "
+                     "tokens of the image embedding: set cross_attn_dim and "
+                     "cross_attn_resolutions, or image_embed_tokens=0")
   if m.low_res_upsample not in superres.UPSAMPLE_METHODS:
     raise ValueError(f"UNet.low_res_upsample must be one of {superres.UPSAMPLE_METHODS}, "
                      f"got {m.low_res_upsample!r}")
@@ -139,6 +144,12 @@ class UNet(nn.Module):
       with this many channels and `cond['aug_level']`.
     low_res_upsample: how `low_res` is resized to the input size ("nearest",
       "bilinear", "bicubic").
+    image_embed_dim: > 0 makes an unCLIP decoder: takes `cond['image_embed']`
+      `[B, image_embed_dim]`, projected and added to the timestep embedding and
+      (DALL-E 2) projected to `image_embed_tokens` extra cross-attention tokens,
+      after the text tokens if the model also takes `cond['tokens']`.
+    image_embed_tokens: the number of those tokens (0: the embedding only
+      enters the timestep embedding).
     scale_shift_norm: ResBlocks take the embedding as a scale and shift after
       their second GroupNorm (improved-diffusion); needed for the embedding to
       reach levels of 32 channels (layers.ResBlock).
@@ -164,6 +175,8 @@ class UNet(nn.Module):
   low_res_channels: int = 0
   low_res_upsample: str = "bilinear"
   scale_shift_norm: bool = False
+  image_embed_dim: int = 0
+  image_embed_tokens: int = 0
 
   def __post_init__(self):
     _check_fields(self)  # At build time, before any input is seen.
@@ -193,7 +206,7 @@ class UNet(nn.Module):
     self._check_input(x, t, cond)
     out_ch = self.out_channels or x.shape[-1]
     temb = self._embed(t, cond)
-    ctx = (cond["tokens"], cond.get("mask")) if self.cross_attn_dim else None
+    ctx = self._context(cond) if self.cross_attn_dim else None
     h = x.astype(self.dtype)
     if self.low_res_channels:  # super-resolution: the upsampled image as extra channels
       low = superres.upsample(cond["low_res"], x.shape[1], self.low_res_upsample)
@@ -221,10 +234,34 @@ class UNet(nn.Module):
       temb += nn.Dense(4 * self.ch, kernel_init=layers.default_init(), dtype=self.dtype,
                        param_dtype=self.param_dtype,
                        name="vector_proj")(cond["vector"].astype(self.dtype))
+    if self.image_embed_dim:
+      temb += nn.Dense(4 * self.ch, kernel_init=layers.default_init(), dtype=self.dtype,
+                       param_dtype=self.param_dtype,
+                       name="image_embed_proj")(cond["image_embed"].astype(self.dtype))
     if self.low_res_channels:
       temb += layers.TimestepEmbed(self.ch, self.dtype, self.param_dtype,
                                    name="aug_emb")(cond["aug_level"])
     return temb
+
+  def _context(self, cond: dict) -> tuple[jax.Array, jax.Array | None]:
+    """Cross-attention tokens `[B, L, cross_attn_dim]` and mask: the text's, then
+    the image embedding's `image_embed_tokens` (always attended to)."""
+    tokens, masks = [], []
+    if "tokens" in cond:
+      tokens.append(cond["tokens"])
+      masks.append(cond["mask"] if "mask" in cond else
+                   jnp.ones(cond["tokens"].shape[:2], bool))
+    if self.image_embed_dim and self.image_embed_tokens:
+      emb = cond["image_embed"]
+      k, d = self.image_embed_tokens, self.cross_attn_dim
+      extra = nn.Dense(k * d, kernel_init=layers.default_init(), dtype=self.dtype,
+                       param_dtype=self.param_dtype,
+                       name="image_embed_tokens")(emb.astype(self.dtype))
+      tokens.append(extra.reshape(emb.shape[0], k, d).astype(jnp.float32))
+      masks.append(jnp.ones((emb.shape[0], k), bool))
+    if len(tokens) == 1 and "mask" not in cond and "tokens" in cond:
+      return tokens[0], None  # as before the image embedding existed
+    return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)
 
   def _block(self, h: jax.Array, temb: jax.Array, out_ch: int, train: bool, name: str,
              resample: str = "none") -> jax.Array:
@@ -310,10 +347,11 @@ class UNet(nn.Module):
   def _check_cond(self, cond: dict, b: int) -> None:
     built = {"label": self.num_classes, "vector": self.cond_vector_dim,
              "tokens": self.cross_attn_dim, "mask": self.cross_attn_dim,
-             "low_res": self.low_res_channels, "aug_level": self.low_res_channels}
+             "low_res": self.low_res_channels, "aug_level": self.low_res_channels,
+             "image_embed": self.image_embed_dim}
     field = {"label": "num_classes", "vector": "cond_vector_dim", "tokens": "cross_attn_dim",
              "mask": "cross_attn_dim", "low_res": "low_res_channels",
-             "aug_level": "low_res_channels"}
+             "aug_level": "low_res_channels", "image_embed": "image_embed_dim"}
     for key in cond:
       if key not in built:
         raise ValueError(f"unknown cond key {key!r}; valid keys: {sorted(built)}")
@@ -322,9 +360,13 @@ class UNet(nn.Module):
                          f"{field[key]}=0; build it with {field[key]} > 0 or drop the key")
     shapes = {"label": (b,), "vector": (b, self.cond_vector_dim),
               "tokens": (b, None, self.cross_attn_dim), "mask": (b, None),
-              "low_res": (b, None, None, self.low_res_channels), "aug_level": (b,)}
-    for key in ("label", "vector", "tokens", "low_res", "aug_level"):
-      if built[key] and key not in cond:
+              "low_res": (b, None, None, self.low_res_channels), "aug_level": (b,),
+              "image_embed": (b, self.image_embed_dim)}
+    # The image embedding's tokens are context enough: text tokens become optional.
+    needed = dict(built, tokens=self.cross_attn_dim and not (
+        self.image_embed_dim and self.image_embed_tokens))
+    for key in ("label", "vector", "tokens", "low_res", "aug_level", "image_embed"):
+      if needed[key] and key not in cond:
         hint = (f"; pass jnp.full([B], {self.num_classes}) for the null class"
                 if key == "label" else "")
         raise ValueError(f"the model was built with {field[key]}={built[key]} and needs "
