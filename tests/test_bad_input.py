@@ -86,7 +86,7 @@ CONFIG_ROWS = {
     "captions_unconditional": ({"sample__captions": "a red circle"},
                                "it cannot follow captions."),
     "conditioning_type": ({"conditioning__type": "image"},
-                          "conditioning.type='image'; valid values: none, class, text, clip_text."),
+                          "conditioning.type='image'; valid values: none, class, clip_text, text."),
     "p_uncond_one": ({"conditioning__p_uncond": 1.0}, "conditioning.p_uncond must be in [0, 1)"),
     "text_unet_without_text": ({"model__name": "text_unet"},
                                "model.name='text_unet' needs conditioning.type='text'."),

@@ -2,16 +2,16 @@
 import importlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import (builders, conditioning, config_lib, models, optim, parallel,
-                           train)
+from diffusion_jax import builders, config_lib, models, optim, parallel, train
 
 CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256",
            "digits_cond", "imagenet64_cond", "shapes_text_glide", "shapes_text_frozen",
-           "shapes_cascade_base16", "shapes_sr32", "text2image64", "sr64to256"]
+           "shapes_cascade_base16", "shapes_sr32", "text2image64", "sr64to256",
+           "shapes_clip", "shapes_unclip_prior", "shapes_unclip_decoder",
+           "unclip_prior_vitl14", "unclip_decoder64"]
 # Parameter counts by jax.eval_shape; the DDPM paper's 35.7M and 114M.
 PARAMS = {"cifar10": 35_746_307, "celebahq256": 113_673_219, "lsun_church256": 113_673_219}
 
@@ -22,10 +22,7 @@ def _load(name):
 
 def _param_count(config):
   model = models.create_model(config.model, config.data.channels)
-  shape = (1,) + builders.image_shape(config)
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros(shape), jnp.zeros((1,), jnp.int32),
-      conditioning.init_cond(config), train=False))
+  params = jax.eval_shape(lambda: builders.init_params(model, config, jax.random.key(0)))
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 

@@ -89,6 +89,8 @@ def init_shapes(module: CLIP) -> dict[str, tuple[int, ...]]:
 
 def _shape_fields(name: str) -> str:
   """The config.json fields that set the shape of tensor `name` (for error hints)."""
+  if name == "logit_scale":
+    return "none: it is a scalar"
   tower = "text_config" if name.startswith("text_") else "vision_config"
   if name.endswith("projection.weight"):
     return f"projection_dim, {tower}.hidden_size"
@@ -133,7 +135,9 @@ def params_from_state_dict(module: CLIP, state: Mapping[str, np.ndarray],
 
 def to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax params -> HF-named float32 numpy arrays (what `save_hf_clip` writes)."""
-  return _swap_patch_axes(hf_weights.state_from_params(params, hf_name))
+  state = _swap_patch_axes(hf_weights.state_from_params(params, hf_name))
+  # np.ascontiguousarray (in the shared helper) makes the 0-d logit_scale 1-d; HF's is 0-d.
+  return {n: v.reshape(()) if n == "logit_scale" else v for n, v in state.items()}
 
 
 def _tower_config(hf: Mapping[str, Any], key: str, defaults: Mapping[str, Any]

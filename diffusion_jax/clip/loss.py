@@ -7,7 +7,14 @@ image->text and the text->image cross-entropies whose targets are the diagonal.
 A batch may hold the same caption more than once (the shapes data set repeats
 captions). By default the loss treats the other copies as negatives, as CLIP does;
 `soft_targets=True` spreads each target uniformly over the rows with the same
-caption instead. The accuracy metrics always count any copy as correct.
+caption instead. The accuracy metrics always count any copy as correct (with
+identical text embeddings, argmax would pick the first copy for every image).
+
+Note: when the copies have identical text embeddings (a deterministic text encoder
+on identical token ids), both choices give the same loss and gradients: a copy's
+logit equals the target's, and the group's diagonal targets sum to its uniform
+ones. Copies only lower the attainable minimum (log k for a caption seen k times).
+`soft_targets` differs once copies are embedded differently (dropout, augmentation).
 """
 from typing import Any
 

@@ -55,7 +55,7 @@ from diffusion_jax.conditioning.text import Text
 from diffusion_jax.config_checks import one_of, require
 from diffusion_jax.schedules import Schedule
 
-KINDS: tuple[type[base.Kind], ...] = (Labels, Text, ClipText, LowRes, ImageEmbedding)
+KINDS: tuple[type[base.Kind], ...] = (Labels, ClipText, Text, LowRes, ImageEmbedding)
 # conditioning.type: "none", or a kind's own type ("class", "text").
 TYPES = ("none",) + tuple(k.conditioning_type for k in KINDS if k.conditioning_type)
 

@@ -51,8 +51,9 @@ class ImageEmbedding(base.Kind):
             f"in [0, 1), got {c.p_uncond_image_embed}.")
     if not m.image_embed_dim:
       return
-    require(m.name == "unet", f"model.image_embed_dim={m.image_embed_dim} makes an unCLIP "
-            f"decoder, a U-Net (model.name='unet'), got model.name={m.name!r}.")
+    require(m.name in ("unet", "text_unet"), f"model.image_embed_dim={m.image_embed_dim} "
+            "makes an unCLIP decoder, a U-Net (model.name='unet', or 'text_unet' to read "
+            f"captions as well), got model.name={m.name!r}.")
     require(bool(c.clip_workdir) != bool(c.clip_path), "An unCLIP decoder "
             "(model.image_embed_dim > 0) needs exactly one CLIP: conditioning.clip_workdir or "
             f"conditioning.clip_path (got {c.clip_workdir!r} and {c.clip_path!r}).")
