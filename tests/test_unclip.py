@@ -321,3 +321,21 @@ def test_bad_inputs_to_the_pipeline(runs, tmp_path):
   not_clip = _decoder(decoder_dir)
   with pytest.raises(ValueError, match="not a CLIP"):
     clip_encoder.FrozenCLIP.from_config(not_clip)
+
+
+def test_a_hugging_face_clip_folder_serves_as_the_frozen_clip():
+  path = os.path.join(os.path.dirname(__file__), "data", "clip_tiny")
+  probe = apply_overrides(_decoder(""), conditioning__clip_path=path)
+  clip = clip_encoder.FrozenCLIP.from_config(probe)
+  assert clip is clip_encoder.FrozenCLIP.from_config(probe)  # loaded once
+  images = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+  emb = clip.image_embeddings(images)  # resized to the CLIP's own size on the way
+  d = clip.embed_dim
+  assert emb.shape == (3, d)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), np.sqrt(d), rtol=1e-5)
+  text = clip.text(["a red circle", "a red circle", "a blue square"])
+  np.testing.assert_array_equal(text["text_embed"][0], text["text_embed"][1])
+  assert text["text_tokens"].shape[2] == clip.text_width
+  np.testing.assert_array_equal(text["text_tokens"][~text["text_mask"]], 0.0)
+  with pytest.raises(ValueError, match=f"gives {d}-wide embeddings"):
+    clip.check_embed_dim(d + 1, "model.image_embed_dim")
