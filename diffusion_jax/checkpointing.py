@@ -105,8 +105,11 @@ def _unused_or_added(key: str, saved: dict, current: dict) -> bool:
   if not key.startswith("model."):
     return False
   field = key[len("model."):]
-  if field.startswith("text_") and "text_unet" not in (saved.get("model.name"),
-                                                        current.get("model.name")):
+  names = (saved.get("model.name"), current.get("model.name"))
+  if field.startswith("text_") and "text_unet" not in names:
+    return True
+  section = field.split(".")[0]
+  if section in ("prior", "clip") and section not in names:  # another model's section
     return True
   # pylint: disable-next=g-import-not-at-top  (models is only needed here)
   from diffusion_jax.models.unet import UNet

@@ -76,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   # embedding (conditioning.clip_workdir), added to the timestep embedding and
   # projected to image_embed_tokens extra cross-attention tokens (DALL-E 2).
   model.image_embed_dim = 0
-  model.image_embed_tokens = 4  # Needs cross_attn_dim > 0 (0 = no extra tokens).
+  # Extra tokens (DALL-E 2: 4); they need cross_attn_dim > 0. 0 = none.
+  model.image_embed_tokens = 0
   # model.name = "prior": DALL-E 2's diffusion prior over CLIP image embeddings
   # (models/prior.py); its fields, the U-Net's above are unused. embed_dim,
   # text_width and max_text_length must be the CLIP's (checked on load).

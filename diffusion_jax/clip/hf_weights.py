@@ -135,9 +135,7 @@ def params_from_state_dict(module: CLIP, state: Mapping[str, np.ndarray],
 
 def to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax params -> HF-named float32 numpy arrays (what `save_hf_clip` writes)."""
-  state = _swap_patch_axes(hf_weights.state_from_params(params, hf_name))
-  # np.ascontiguousarray (in the shared helper) makes the 0-d logit_scale 1-d; HF's is 0-d.
-  return {n: v.reshape(()) if n == "logit_scale" else v for n, v in state.items()}
+  return _swap_patch_axes(hf_weights.state_from_params(params, hf_name))
 
 
 def _tower_config(hf: Mapping[str, Any], key: str, defaults: Mapping[str, Any]

@@ -44,5 +44,7 @@ def params_from_hf(abstract: Mapping[Path, Any], found: Mapping[str, Any], hf_na
 
 def state_from_params(params: Mapping[str, Any], hf_name: NameFn) -> dict[str, np.ndarray]:
   """The inverse: Flax params -> HF-named float32 numpy arrays (contiguous, for saving)."""
-  return {hf_name(p): np.ascontiguousarray(_to_hf(p, np.asarray(leaf, np.float32)))
-          for p, leaf in traverse_util.flatten_dict(params).items()}
+  # np.ascontiguousarray makes a 0-d array 1-d (a CLIP's logit_scale): keep the shape.
+  return {hf_name(p): np.ascontiguousarray(a).reshape(a.shape)
+          for p, a in ((p, _to_hf(p, np.asarray(leaf, np.float32)))
+                       for p, leaf in traverse_util.flatten_dict(params).items())}
