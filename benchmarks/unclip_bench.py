@@ -6,8 +6,9 @@ variations and interpolations (docs/benchmarks.md, "unCLIP").
 
 Prints one JSON line per measurement:
   clip_retrieval    top-1 of each test image against every distinct test caption
-  caption_accuracy  the pipeline per (prior scale, decoder scale), and the
-                    frozen-encoder (Imagen-style) model per scale, on the first
+  caption_accuracy  the pipeline per (prior scale, decoder scale) ("captions"),
+                    and the frozen-encoder (Imagen-style) model per scale
+                    ("frozen"), on the first
                     --per_subset seen and held-out test captions, scored by the
                     exact shapes checker; "no prior" (the text embedding in the
                     image embedding's place) at the best decoder scale
@@ -97,6 +98,11 @@ def caption_part(args):
       best = max(best, dict(scores, ps=ps, ds=ds), key=lambda s: s.get("seen_caption", -1))
   scores = _scores(_pipeline(args, captions, 1.0, best["ds"], prior="none"), captions, held)
   _emit(bench="caption_accuracy", model="unclip_no_prior", decoder_scale=best["ds"], **scores)
+  return best
+
+
+def frozen_part(args):
+  captions, held = test_captions(args.per_subset)
   frozen_best = {}
   for fs in (float(s) for s in args.frozen_scales.split(",")):
     start = time.perf_counter()
@@ -106,7 +112,7 @@ def caption_part(args):
     _emit(bench="caption_accuracy", model="frozen", step=step, scale=fs,
           seconds=round(time.perf_counter() - start, 1), **scores)
     frozen_best = max(frozen_best, dict(scores, fs=fs), key=lambda s: s.get("seen_caption", -1))
-  return best, frozen_best
+  return frozen_best
 
 
 def diversity_part(args, clip, best, frozen_best):
@@ -165,7 +171,11 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--num_steps", type=int, default=50)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--parts", default="clip,captions,diversity,variations")
+  parser.add_argument("--parts", default="clip,captions,frozen,diversity,variations")
+  parser.add_argument("--prior_scale", type=float, default=1.0,
+                      help="the pipeline's scales where the captions part is not run")
+  parser.add_argument("--decoder_scale", type=float, default=1.0)
+  parser.add_argument("--frozen_scale", type=float, default=3.0)
   args = parser.parse_args()
   xla_flags.apply_defaults()
   parts = args.parts.split(",")
@@ -173,9 +183,12 @@ def main():
   clip = FrozenCLIP.from_config(probe.stage_0)
   if "clip" in parts:
     clip_part(args, clip)
-  best, frozen_best = {"ps": 1.0, "ds": 1.0}, {"fs": 3.0}
+  best = {"ps": args.prior_scale, "ds": args.decoder_scale}
+  frozen_best = {"fs": args.frozen_scale}
   if "captions" in parts:
-    best, frozen_best = caption_part(args)
+    best = caption_part(args)
+  if "frozen" in parts:
+    frozen_best = frozen_part(args)
   if "diversity" in parts:
     diversity_part(args, clip, best, frozen_best)
   if "variations" in parts:
