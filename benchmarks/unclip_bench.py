@@ -15,6 +15,9 @@ Prints one JSON line per measurement:
   diversity         --groups captions x --per_group samples each, both models at
                     their best scales: mean pairwise distance within a caption,
                     in CLIP image-embedding space (1 - cos) and pixels (RMS)
+  prior_embeddings  per prior scale: cosine of the prior's samples (and of the
+                    caption's text embedding) to the test image's embedding,
+                    and how often the sample retrieves its own caption
   variations        --per_subset test images, --num_variations each: how often a
                     variation keeps the source caption, and its pixel RMS to it
 and writes unclip_variations.png and unclip_interpolations.png under --out.
@@ -77,6 +80,15 @@ def _test_images(per_subset):
   chosen = seen + held
   images = np.stack([e["image"] for e in chosen]).astype(np.float32) / 127.5 - 1.0
   return images, [e["caption"] for e in chosen], np.array([e["held_out"] for e in chosen])
+
+
+def prior_part(args, clip):
+  """The prior's embeddings against the true image embeddings of test images."""
+  images, captions, _ = _test_images(args.per_subset)
+  for ps in (float(s) for s in args.prior_scales.split(",")):
+    embeds = pipeline.prior_embeddings(_config(args, ps, 1.0), captions)
+    _emit(bench="prior_embeddings", prior_scale=ps,
+          **evaluation.prior_figures(clip, embeds, images, captions))
 
 
 def clip_part(args, clip):
@@ -171,7 +183,7 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--num_steps", type=int, default=50)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--parts", default="clip,captions,frozen,diversity,variations")
+  parser.add_argument("--parts", default="clip,prior,captions,frozen,diversity,variations")
   parser.add_argument("--prior_scale", type=float, default=1.0,
                       help="the pipeline's scales where the captions part is not run")
   parser.add_argument("--decoder_scale", type=float, default=1.0)
@@ -185,6 +197,8 @@ def main():
     clip_part(args, clip)
   best = {"ps": args.prior_scale, "ds": args.decoder_scale}
   frozen_best = {"fs": args.frozen_scale}
+  if "prior" in parts:
+    prior_part(args, clip)
   if "captions" in parts:
     best = caption_part(args)
   if "frozen" in parts:
