@@ -359,7 +359,7 @@ def test_create_model_errors():
   assert isinstance(create_model(config.model, 1), MODELS["unet"])
   bad_name = config.model.copy_and_resolve_references()
   bad_name.name = "resnet"
-  with pytest.raises(ValueError, match="valid names: \\['text_unet', 'unet'\\]"):
+  with pytest.raises(ValueError, match="valid names: \\['clip', 'prior', 'text_unet', 'unet'\\]"):
     create_model(bad_name, 1)
   with pytest.raises(ValueError, match="cond_vector_dim to model.text_width=128"):
     create_model({**config.model, "name": "text_unet"}, 1)
