@@ -1,25 +1,57 @@
 #!/usr/bin/env bash
-# The issue-10 measurements on one accelerator, in one go (about 10 minutes on a
-# large GPU): the CIFAR-10 train step in bf16 at batch 128 and up to the largest that
-# fits, then the three samplers at batch 256. Writes JSON lines to $OUT_DIR and the
-# console; record them in docs/benchmarks.md with the device's name.
+# The accelerator measurements (docs/benchmarks.md, "GPU"), in one go, about 8 minutes on
+# one large GPU. Each part has its own time limit, so one slow part cannot take the rest
+# with it; every part writes JSON lines to $OUT_DIR and the console:
+#   1. versions and the device;
+#   2. the CIFAR-10 train step in $DTYPE at batch 128 up to the largest that fits,
+#      without and with rematerialisation (model_bench.py: step time, images/s, share
+#      of the matmul rate measured in the same process, peak memory);
+#   3. k = 1, 4, 16 train steps per call (a lax.scan) on the digits default and on
+#      CIFAR-10 (multistep_bench.py);
+#   4. 256 CIFAR-10 samples by ancestral 1000, DDIM 50 and DPM-Solver++ 20 steps,
+#      compile time and seconds (sampler_bench.py).
 #
 #   OUT_DIR=bench_out benchmarks/gpu_run.sh
-#   BATCHES=8 SAMPLE_BATCHES=8 METHODS=ddim DTYPE=float32 benchmarks/gpu_run.sh  # a CPU dry run
-set -euo pipefail
+#   BATCHES=8 REMAT_BATCHES=8 SAMPLE_BATCHES=8 CIFAR_MULTI_BATCH=8 METHODS=ddim \
+#     DTYPE=float32 benchmarks/gpu_run.sh                     # a CPU dry run
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-bench_out}
-BATCHES=${BATCHES:-128,256,512,1024,2048,4096}
+BATCHES=${BATCHES:-128,1024,4096}
+REMAT_BATCHES=${REMAT_BATCHES:-128,8192}
 SAMPLE_BATCHES=${SAMPLE_BATCHES:-256}
+CIFAR_MULTI_BATCH=${CIFAR_MULTI_BATCH:-128}
 METHODS=${METHODS:-ancestral,ddim,dpm_solver++}
 DTYPE=${DTYPE:-bfloat16}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
-"$PYTHON" -c "import jax; print(jax.devices())"
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-"$PYTHON" benchmarks/model_bench.py --which=cifar10 --dtype="$DTYPE" --batches="$BATCHES" \
-    --steps=10 | tee "$OUT_DIR/model_bench.jsonl"
-"$PYTHON" benchmarks/sampler_bench.py --which=cifar10 --dtype="$DTYPE" \
-    --batch_sizes="$SAMPLE_BATCHES" --methods="$METHODS" --repeats=3 \
-    | tee "$OUT_DIR/sampler_bench.jsonl"
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, tee to NAME.jsonl
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>"$OUT_DIR/$name.err" | tee "$OUT_DIR/$name.jsonl"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"part\": \"$name\", \"rc\": $rc, \"wall_s\": $((SECONDS - start))}" \
+    | tee -a "$OUT_DIR/parts.jsonl"
+  [ "$rc" = 0 ] || tail -n 5 "$OUT_DIR/$name.err"
+}
+
+"$PYTHON" -c "
+import json, jax, flax, optax
+print(json.dumps(dict(bench='versions', jax=jax.__version__, flax=flax.__version__,
+                      optax=optax.__version__, backend=jax.default_backend(),
+                      devices=[d.device_kind for d in jax.devices()])))" | tee "$OUT_DIR/versions.jsonl"
+command -v nvidia-smi > /dev/null && nvidia-smi \
+  --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$OUT_DIR/versions.jsonl"
+part train_step 170 "$PYTHON" benchmarks/model_bench.py --which=cifar10 --dtype="$DTYPE" \
+  --batches="$BATCHES" --steps=10
+part train_step_remat 110 "$PYTHON" benchmarks/model_bench.py --which=cifar10 \
+  --dtype="$DTYPE" --remat --batches="$REMAT_BATCHES" --steps=5
+part steps_per_call_digits 50 "$PYTHON" benchmarks/multistep_bench.py \
+  --config=configs/digits.py --ks=1,4,16 --steps=64
+part steps_per_call_cifar10 70 "$PYTHON" benchmarks/multistep_bench.py \
+  --config=configs/cifar10.py --dtype="$DTYPE" --batch="$CIFAR_MULTI_BATCH" --ks=1,4 --steps=16
+part samplers 110 "$PYTHON" benchmarks/sampler_bench.py --which=cifar10 --dtype="$DTYPE" \
+  --batch_sizes="$SAMPLE_BATCHES" --methods="$METHODS" --repeats=2

@@ -25,9 +25,13 @@ sys.path.insert(0, ROOT)
 from diffusion_jax import builders, models, optim, parallel, train, xla_flags
 
 
-def _setup(config_path: str):
+def _setup(config_path: str, batch: int = 0, dtype: str = ""):
   name = os.path.splitext(os.path.basename(config_path))[0]
   config = importlib.import_module(f"configs.{name}").get_config()
+  if batch:
+    config.training.batch_size = batch
+  if dtype:
+    config.model.dtype = dtype
   mesh = parallel.make_mesh()
   model = models.create_model(config.model, config.data.channels)
   tx = optim.make_optimizer(config.optim, config.training.num_train_steps)
@@ -66,14 +70,19 @@ def main():
   parser.add_argument("--config", default="configs/digits.py")
   parser.add_argument("--ks", default="1,4,16")
   parser.add_argument("--steps", type=int, default=64, help="train steps timed per k")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
+  parser.add_argument("--dtype", default="", help="the model's compute dtype (default: the "
+                      "config's), e.g. bfloat16")
   args = parser.parse_args()
   xla_flags.apply_defaults()  # before the first computation
-  setup = _setup(args.config)
+  setup = _setup(args.config, args.batch, args.dtype)
   base = None
   for k in (int(x) for x in args.ks.split(",")):
     per_step = time_per_step(k, *setup, calls=max(3, args.steps // k))
     base = base or per_step
     print(json.dumps(dict(bench="steps_per_call", config=args.config, k=k,
+                          batch=setup[0].training.batch_size,
+                          dtype=setup[0].model.dtype, backend=jax.default_backend(),
                           devices=jax.device_count(), ms_per_step=round(per_step * 1e3, 2),
                           ratio_to_k1=round(per_step / base, 3))), flush=True)
 
