@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
     # Frechet distances (evaluation) in float64 on the host.
     "scipy>=1.11",
+    # Published checkpoints (diffusers folders) read and written without torch.
+    "safetensors>=0.8",
 ]
 
 setup(
