@@ -146,9 +146,25 @@ def validate_sample(config: ml_collections.ConfigDict) -> None:
   _require(s.checkpoint_step >= -1, f"sample.checkpoint_step must be a step or -1 (the "
            f"latest), got {s.checkpoint_step}.")
   _one_of("sample.thresholding", s.thresholding, samplers.THRESHOLDINGS)
+  _validate_conventions(s, steps)
   _require(0.0 < s.dynamic_threshold_percentile <= 100.0,
            f"sample.dynamic_threshold_percentile must be in (0, 100], got "
            f"{s.dynamic_threshold_percentile}.")
   _require(s.guidance_scale >= 0.0, f"sample.guidance_scale must be >= 0, got "
            f"{s.guidance_scale}.")
   conditioning.validate(config)
+
+
+def _validate_conventions(s: ml_collections.ConfigDict, steps: int) -> None:
+  """sample.timestep_spacing and sample.ddim_eps (matching diffusers' schedulers)."""
+  _one_of("sample.timestep_spacing", s.timestep_spacing, samplers.TIMESTEP_SPACINGS)
+  _one_of("sample.ddim_eps", s.ddim_eps, samplers.DDIM_EPS)
+  if s.timestep_spacing == "uniform":
+    return
+  _require(s.method in ("ancestral", "ddim"), f"sample.timestep_spacing="
+           f"{s.timestep_spacing!r} is for sample.method 'ancestral' or 'ddim'; "
+           f"{s.method} steps on its own log-SNR grid: set sample.timestep_spacing='uniform'.")
+  try:
+    samplers.diffusers_timesteps(steps, s.num_steps or steps, s.timestep_spacing)
+  except ValueError as e:
+    raise ValueError(f"Bad config: sample.{e}") from None

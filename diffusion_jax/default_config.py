@@ -217,6 +217,16 @@ def get_config() -> ml_collections.ConfigDict:
   # clip to [-s, s] and divide by s).
   sample.thresholding = "static"
   sample.dynamic_threshold_percentile = 99.5  # In (0, 100]; Imagen uses 99.5.
+  # Timesteps of "ancestral" and "ddim" (samplers.step_timesteps): "uniform"
+  # (evenly strided from T-1 to 0, each step to the next grid point, as
+  # improved-diffusion) or diffusers' "linspace", "leading", "trailing", stepping
+  # as its DDPMScheduler ("ancestral") and DDIMScheduler ("ddim") do, with
+  # steps_offset 0 and set_alpha_to_one=True. "dpm_solver++" needs "uniform".
+  sample.timestep_spacing = "uniform"
+  # The eps a DDIM step uses after x0 is thresholded: "clipped" (re-derived from
+  # the thresholded x0, as improved-diffusion) or "raw" (the model's, as diffusers'
+  # DDIMScheduler with its default use_clipped_model_output=False).
+  sample.ddim_eps = "clipped"
   # Classifier-free guidance scale s: eps = eps_uncond + s (eps_cond -
   # eps_uncond); 1.0 is the plain conditional model (no guidance). Needs a
   # class-conditional model trained with conditioning.p_uncond > 0.

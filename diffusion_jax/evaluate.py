@@ -94,6 +94,7 @@ def report_name(config: ml_collections.ConfigDict, step: int) -> str:
   s, ev = config.sample, config.eval
   steps = s.num_steps or config.diffusion.num_timesteps
   name = f"{s.method}{steps}_step{step}_seed{ev.seed}_n{ev.num_samples}"
+  name += generation.convention_suffix(s)
   if s.guidance_scale != 1.0:
     name += f"_cfg{s.guidance_scale:g}"
   return name
@@ -108,6 +109,7 @@ def _sampler_settings(config: ml_collections.ConfigDict,
              num_timesteps=config.diffusion.num_timesteps, batch_size=config.eval.batch_size,
              thresholding=s.thresholding,
              dynamic_threshold_percentile=s.dynamic_threshold_percentile,
+             timestep_spacing=s.timestep_spacing, ddim_eps=s.ddim_eps,
              guidance_scale=s.guidance_scale, labels=s.labels, captions=s.captions)
   if conditioning.upsamples:
     out["sample_aug_level"] = config.superres.sample_aug_level

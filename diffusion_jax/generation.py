@@ -67,7 +67,8 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   kwargs = dict(method=s.method, num_steps=s.num_steps or None,
                 prediction=config.diffusion.prediction, variance=s.variance,
                 thresholding=s.thresholding,
-                dynamic_threshold_percentile=s.dynamic_threshold_percentile)
+                dynamic_threshold_percentile=s.dynamic_threshold_percentile,
+                timestep_spacing=s.timestep_spacing, ddim_eps=s.ddim_eps)
 
   def fn(params, rng, cond, scale, eta):
     def model_fn(x, t, c):
@@ -97,6 +98,14 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
 
   sample_fn.guided, sample_fn.jitted, sample_fn.batch_size = guided, jitted, batch_size
   return sample_fn
+
+
+def convention_suffix(s: ml_collections.ConfigDict) -> str:
+  """A file-name suffix for non-default sampler conventions, e.g. "_leading_raweps"
+  ("" for the defaults), so sample and eval files of different conventions do not
+  overwrite each other."""
+  suffix = "" if s.timestep_spacing == "uniform" else f"_{s.timestep_spacing}"
+  return suffix + ("_raweps" if s.method == "ddim" and s.ddim_eps == "raw" else "")
 
 
 def _batch_slice(values, i: int, batch_size: int, num_samples: int):

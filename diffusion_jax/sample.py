@@ -39,6 +39,7 @@ def sample_name(config: ml_collections.ConfigDict, step: int) -> str:
     return s.name
   steps = s.num_steps or config.diffusion.num_timesteps
   name = f"{s.method}{steps}_step{step}_seed{s.seed}_n{s.num_samples}"
+  name += generation.convention_suffix(s)
   if s.guidance_scale != 1.0:
     name += f"_cfg{s.guidance_scale:g}"
   return name

@@ -18,6 +18,13 @@ arguments:
 Classifier-free guidance is a denoise_fn too (guidance.guided_denoiser), and
 every method takes the same thresholding of the predicted x0: "none",
 "static" (clip to [-1, 1]) or "dynamic" (Imagen).
+
+To reproduce a diffusers pipeline step for step, pick its conventions:
+`timestep_spacing` ("linspace", "leading" or "trailing": which timesteps are
+visited and where each step goes, as DDPMScheduler does for "ancestral" and
+DDIMScheduler for "ddim"), `ddim_eps="raw"` (DDIMScheduler's default
+use_clipped_model_output=False) and the same starting noise (`x_T`). Its
+`clip_sample=True` (clip_sample_range 1) is thresholding="static".
 """
 from __future__ import annotations
 
@@ -34,6 +41,13 @@ from diffusion_jax.schedules import Schedule
 
 METHODS = ("ancestral", "ddim", "dpm_solver++")
 THRESHOLDINGS = ("none", "static", "dynamic")
+# "uniform": this project's grid (improved-diffusion's respacing); the others
+# are diffusers' `timestep_spacing` values (ancestral and DDIM only).
+TIMESTEP_SPACINGS = ("uniform", "linspace", "leading", "trailing")
+# The eps DDIM steps with after the x0 is thresholded: "clipped" re-derives it
+# from the thresholded x0 (improved-diffusion, DDIM's paper code); "raw" keeps
+# the model's (diffusers' DDIMScheduler, use_clipped_model_output=False).
+DDIM_EPS = ("clipped", "raw")
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -50,6 +64,63 @@ def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.array([num_timesteps - 1], np.int32)
   stride = (num_timesteps - 1) / (num_steps - 1)
   return np.round(np.arange(num_steps) * stride).astype(np.int32)
+
+
+def diffusers_timesteps(num_timesteps: int, num_steps: int, spacing: str) -> np.ndarray:
+  """The timesteps diffusers' DDPMScheduler and DDIMScheduler visit (set_timesteps).
+
+  As diffusers 0.42 computes them with steps_offset 0: "linspace" rounds
+  linspace(0, T - 1, n) (the same grid as `spaced_timesteps`); "leading" is
+  k (T // n) for k < n; "trailing" is round(T - k T / n) - 1.
+
+  Returns:
+    int32 [num_steps], decreasing (the order they are visited).
+  """
+  T, n = num_timesteps, num_steps
+  diffusion.check_choice("diffusers timestep_spacing", spacing, TIMESTEP_SPACINGS[1:])
+  if not 1 <= n <= T:
+    raise ValueError(f"num_steps must be in [1, {T}] (the schedule's T), got {n}.")
+  if spacing == "linspace":
+    ts = np.linspace(0, T - 1, n).round()[::-1]
+  elif spacing == "leading":
+    ts = (np.arange(n) * (T // n)).round()[::-1]
+  else:
+    ts = np.round(np.arange(T, 0, -T / n)) - 1
+    if len(ts) != n:
+      # np.arange's float step overshoots for some (T, n), e.g. 61 of 1000:
+      # diffusers then visits n + 1 timesteps, the last one -1.
+      raise ValueError(f"timestep_spacing='trailing' with num_steps={n} of {T}: "
+                       f"diffusers' grid has {len(ts)} timesteps ending at {int(ts[-1])} "
+                       "(a floating-point artefact of its np.arange); choose another "
+                       "num_steps or spacing.")
+  return ts.astype(np.int32)
+
+
+def step_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform",
+                   method: str = "ancestral") -> tuple[np.ndarray, np.ndarray]:
+  """Each step's timestep and the timestep it steps to, for ancestral and DDIM.
+
+  "uniform" steps from each point of `spaced_timesteps` to the next. diffusers'
+  spacings visit `diffusers_timesteps` and step as its schedulers do: the
+  ancestral sampler (DDPMScheduler.previous_timestep) to the next timestep
+  visited, DDIM (DDIMScheduler.step) to t - T // n, which is off the grid for
+  "linspace" (and for "trailing" where n does not divide T).
+
+  Returns:
+    (t, t_prev), int32 [num_steps] each, from the noisiest step; t_prev = -1
+    means x_0 itself, alpha-bar 1 (diffusers' DDIM with set_alpha_to_one=True,
+    its default).
+  """
+  diffusion.check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+  if spacing == "uniform":
+    t = spaced_timesteps(num_timesteps, num_steps)[::-1]
+  else:
+    t = diffusers_timesteps(num_timesteps, num_steps, spacing)
+  if method == "ddim" and spacing != "uniform":
+    t_prev = np.maximum(t - num_timesteps // num_steps, -1)
+  else:
+    t_prev = np.concatenate([t[1:], [-1]])
+  return t.astype(np.int32), t_prev.astype(np.int32)
 
 
 def log_snr_timesteps(schedule: Schedule, num_steps: int) -> jnp.ndarray:
@@ -108,24 +179,28 @@ def _finish_x0(x0: jnp.ndarray, thresholding: str, percentile) -> jnp.ndarray:
   return x0
 
 
-def _predict(denoise_fn, x, t_idx, abar, prediction, threshold):
+def _predict(denoise_fn, x, t_idx, abar, prediction, threshold, raw_eps=False):
   """(x0, eps) at scalar timestep t_idx with alpha-bar abar, x0 processed.
 
-  `threshold` is (thresholding, percentile), passed on to `_finish_x0`.
+  `threshold` is (thresholding, percentile), passed on to `_finish_x0`. The
+  eps is the one implied by the processed x0, or with `raw_eps` the one
+  implied by the model output itself.
   """
   t = jnp.full((x.shape[0],), t_idx, jnp.int32)
   out = denoise_fn(x, t).astype(jnp.float32)
   if out.shape != x.shape:
     raise ValueError(f"denoise_fn returned shape {out.shape}, expected {x.shape}.")
-  x0, _ = diffusion.model_output_to_x0_eps(abar, x, out, prediction)
+  x0, eps_raw = diffusion.model_output_to_x0_eps(abar, x, out, prediction)
   x0 = _finish_x0(x0, *threshold)
+  if raw_eps:
+    return x0, eps_raw
   # eps implied by the (possibly clipped) x0, as DDIM and the posterior use.
   return x0, diffusion.eps_from_x0(abar, x, x0)
 
 
 def _ancestral_step(denoise_fn, prediction, threshold, variance, x, xs):
   """Algorithm 2, one step x_t -> x_{t-1} on a (possibly respaced) grid."""
-  t_idx, abar, abar_prev, key, not_last = xs
+  t_idx, abar, abar_prev, key, add_noise = xs
   x0, _ = _predict(denoise_fn, x, t_idx, abar, prediction, threshold)
   beta = 1.0 - abar / abar_prev  # respaced beta (equals beta_t on the full grid)
   coef1 = beta * jnp.sqrt(abar_prev) / (1.0 - abar)
@@ -133,13 +208,13 @@ def _ancestral_step(denoise_fn, prediction, threshold, variance, x, xs):
   mean = coef1 * x0 + coef2 * x
   var = beta if variance == "fixed_large" else beta * (1.0 - abar_prev) / (1.0 - abar)
   noise = jax.random.normal(key, x.shape, jnp.float32)
-  return mean + not_last * jnp.sqrt(var) * noise, x0
+  return mean + add_noise * jnp.sqrt(var) * noise, x0
 
 
-def _ddim_step(denoise_fn, prediction, threshold, eta, x, xs):
+def _ddim_step(denoise_fn, prediction, threshold, eta, raw_eps, x, xs):
   """DDIM (Song et al. 2021, eq. 12) from alpha-bar_t to alpha-bar_prev."""
   t_idx, abar, abar_prev, key, _ = xs
-  x0, eps = _predict(denoise_fn, x, t_idx, abar, prediction, threshold)
+  x0, eps = _predict(denoise_fn, x, t_idx, abar, prediction, threshold, raw_eps)
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
   direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
   noise = jax.random.normal(key, x.shape, jnp.float32)
@@ -161,14 +236,15 @@ def _dpm_step(denoise_fn, prediction, threshold, carry, xs):
   return (x_next, d), d
 
 
-def _grid_inputs(schedule: Schedule, ts: np.ndarray, rng: jax.Array):
-  """Per-step scan inputs, ordered from the noisiest step to t = 0."""
-  abar = schedule.alphas_cumprod[ts]
-  abar_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), abar[:-1]])
-  keys = jax.random.split(rng, len(ts))
-  not_last = (jnp.arange(len(ts)) > 0).astype(jnp.float32)
-  rev = lambda a: a[::-1]
-  return tuple(map(rev, (jnp.asarray(ts), abar, abar_prev, keys, not_last)))
+def _grid_inputs(schedule: Schedule, t: np.ndarray, t_prev: np.ndarray,
+                 add_noise: np.ndarray, rng: jax.Array):
+  """Per-step scan inputs (`step_timesteps` order, from the noisiest step)."""
+  T = schedule.num_timesteps
+  # Index T, appended, is alpha-bar 1: where a step to t_prev = -1 lands.
+  abar_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])
+  keys = jax.random.split(rng, len(t))[::-1]
+  return (jnp.asarray(t), abar_ext[t], abar_ext[np.where(t_prev < 0, T, t_prev)], keys,
+          jnp.asarray(add_noise, jnp.float32))
 
 
 def _dpm_inputs(schedule: Schedule, num_steps: int):
@@ -206,10 +282,17 @@ def resolve_thresholding(thresholding: Optional[str],
   return thresholding
 
 
-def _check_args(schedule, shape, method, num_steps, prediction, variance):
+def _check_args(schedule, shape, method, num_steps, prediction, variance, spacing,
+                ddim_eps):
   diffusion.check_choice("sampling method", method, METHODS)
   diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
   diffusion.check_choice("variance", variance, diffusion.VARIANCES)
+  diffusion.check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+  diffusion.check_choice("ddim_eps", ddim_eps, DDIM_EPS)
+  if method == "dpm_solver++" and spacing != "uniform":
+    raise ValueError(f"timestep_spacing={spacing!r} is for the ancestral and ddim methods; "
+                     "dpm_solver++ steps on its own log-SNR grid: use timestep_spacing="
+                     "'uniform'.")
   if len(shape) < 2 or any(int(d) != d or d < 1 for d in shape):
     raise ValueError(f"shape must be [B, ...] of positive ints, got {shape}.")
   T = schedule.num_timesteps
@@ -225,7 +308,9 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
            num_steps: Optional[int] = None, eta=0.0, prediction: str = "eps",
            variance: str = "fixed_large", thresholding: Optional[str] = None,
            dynamic_threshold_percentile=99.5,
-           clip_denoised: Optional[bool] = None, return_trajectory: bool = False):
+           clip_denoised: Optional[bool] = None, return_trajectory: bool = False,
+           timestep_spacing: str = "uniform", ddim_eps: str = "clipped",
+           x_T: Optional[jax.Array] = None):
   """Draws samples by running the reverse process from x_T ~ N(0, I).
 
   Args:
@@ -236,7 +321,7 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
     method: "ancestral" (DDPM Algorithm 2), "ddim" or "dpm_solver++"
       (DPM-Solver++(2M) on a log-SNR-uniform grid).
     num_steps: network evaluations; None means all T. Ancestral and DDIM use
-      evenly strided timesteps (betas recomputed for the subset).
+      the timesteps of `timestep_spacing` (betas recomputed for the subset).
     eta: DDIM noise scale (0 = deterministic, 1 = ancestral with posterior
       variance); a runtime value, not a static argument.
     prediction: the model's parameterisation: "eps", "x0" or "v".
@@ -249,27 +334,49 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
       (0, 100]; a runtime value.
     clip_denoised: the older boolean form: True = "static", False = "none".
     return_trajectory: also return the predicted x0 of every step.
+    timestep_spacing: the ancestral and DDIM timesteps (`step_timesteps`):
+      "uniform" (evenly strided, each step to the next grid point) or, as
+      diffusers' DDPMScheduler (ancestral) and DDIMScheduler (ddim) do,
+      "linspace", "leading" or "trailing". With these the ancestral sampler
+      adds noise wherever t > 0, as DDPMScheduler does: also on the last step
+      of "trailing", which matters for variance "fixed_large".
+      dpm_solver++ takes "uniform" only (its log-SNR grid).
+    ddim_eps: the eps DDIM steps with after thresholding x0: "clipped" (the one
+      the thresholded x0 implies) or "raw" (the model's, as diffusers'
+      DDIMScheduler with use_clipped_model_output=False). Other methods only
+      use x0.
+    x_T: the starting noise [shape]; None draws it from `rng` (the rest of
+      `rng`'s use is the same either way).
 
   Returns:
     x_0 [shape] float32, or (x_0, trajectory [num_steps, *shape]) with the
     trajectory ordered from the noisiest step to the last.
   """
-  n = _check_args(schedule, shape, method, num_steps, prediction, variance)
+  n = _check_args(schedule, shape, method, num_steps, prediction, variance,
+                  timestep_spacing, ddim_eps)
   threshold = (resolve_thresholding(thresholding, clip_denoised),
                jnp.asarray(dynamic_threshold_percentile, jnp.float32))
   init_key, loop_key = jax.random.split(rng)
-  x_T = jax.random.normal(init_key, tuple(shape), jnp.float32)
+  if x_T is None:
+    x_T = jax.random.normal(init_key, tuple(shape), jnp.float32)
+  elif tuple(jnp.shape(x_T)) != tuple(shape):
+    raise ValueError(f"x_T has shape {tuple(jnp.shape(x_T))}, expected {tuple(shape)}.")
+  else:
+    x_T = jnp.asarray(x_T, jnp.float32)
   if method == "dpm_solver++":
     step = functools.partial(_dpm_step, denoise_fn, prediction, threshold)
     (x, _), traj = jax.lax.scan(step, (x_T, jnp.zeros_like(x_T)),
                                 _dpm_inputs(schedule, n))
   else:
-    ts = spaced_timesteps(schedule.num_timesteps, n)
+    t, t_prev = step_timesteps(schedule.num_timesteps, n, timestep_spacing, method)
+    # No noise on the last step; diffusers' DDPMScheduler: none where t = 0.
+    add_noise = (np.arange(n) < n - 1) if timestep_spacing == "uniform" else t > 0
     if method == "ancestral":
       step = functools.partial(_ancestral_step, denoise_fn, prediction,
                                threshold, variance)
     else:
       step = functools.partial(_ddim_step, denoise_fn, prediction, threshold,
-                               jnp.asarray(eta, jnp.float32))
-    x, traj = jax.lax.scan(step, x_T, _grid_inputs(schedule, ts, loop_key))
+                               jnp.asarray(eta, jnp.float32), ddim_eps == "raw")
+    inputs = _grid_inputs(schedule, t, t_prev, add_noise, loop_key)
+    x, traj = jax.lax.scan(step, x_T, inputs)
   return (x, traj) if return_trajectory else x

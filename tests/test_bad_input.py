@@ -74,6 +74,18 @@ CONFIG_ROWS = {
                                  "sample.checkpoint_step must be a step or -1 (the latest)"),
     "thresholding": ({"sample__thresholding": "soft"},
                      "sample.thresholding='soft'; valid values: none, static, dynamic."),
+    "timestep_spacing": ({"sample__timestep_spacing": "even"},
+                         "sample.timestep_spacing='even'; valid values: uniform, linspace, "
+                         "leading, trailing."),
+    "ddim_eps": ({"sample__ddim_eps": "unclipped"},
+                 "sample.ddim_eps='unclipped'; valid values: clipped, raw."),
+    "spacing_dpm_solver": ({"sample__method": "dpm_solver++",
+                            "sample__timestep_spacing": "leading"},
+                           "sample.timestep_spacing='leading' is for sample.method 'ancestral' or "
+                           "'ddim'; dpm_solver++ steps on its own log-SNR grid"),
+    "trailing_artefact": ({"sample__timestep_spacing": "trailing", "sample__num_steps": 29},
+                          "sample.timestep_spacing='trailing' with num_steps=29 of 100: diffusers' "
+                          "grid has 30 timesteps ending at -1"),
     "threshold_percentile": ({"sample__dynamic_threshold_percentile": 0.0},
                              "sample.dynamic_threshold_percentile must be in (0, 100]"),
     "guidance_negative": ({"sample__guidance_scale": -1.0},

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import builders, config_lib, models, optim, parallel, train
+from diffusion_jax import builders, config_lib, models, optim, parallel, sample, train
 
 CONFIGS = ["default", "digits", "test", "cifar10", "celeba64", "celebahq256", "lsun_church256",
            "digits_cond", "imagenet64_cond", "shapes_text_glide", "shapes_text_frozen",
@@ -68,3 +68,18 @@ def test_cifar10_config_runs_one_step_on_mocked_data():
   assert float(stats["lr"]) == 0.0
   state, stats = step(state, parallel.to_global(images, mesh), jax.random.key(1))
   assert float(stats["lr"]) == pytest.approx(2e-4 / 5000, rel=1e-3)
+
+
+def test_saved_configs_without_sampler_conventions_keep_the_old_sampler():
+  """A config saved before sample.timestep_spacing / sample.ddim_eps gets the
+  behaviour it had; other conventions get their own sample file names."""
+  saved = _load("test").to_dict()
+  for key in ("timestep_spacing", "ddim_eps"):
+    saved["sample"].pop(key)
+  old = config_lib.over_defaults(saved)
+  assert (old.sample.timestep_spacing, old.sample.ddim_eps) == ("uniform", "clipped")
+  config_lib.validate(old)
+  assert sample.sample_name(old, 7) == "ddim5_step7_seed0_n10"
+  old.sample.timestep_spacing, old.sample.ddim_eps = "trailing", "raw"
+  config_lib.validate(old)
+  assert sample.sample_name(old, 7) == "ddim5_step7_seed0_n10_trailing_raweps"
