@@ -296,7 +296,8 @@ class Checkpointer:
       # another size): each process's shard of the data differs, so no saved
       # position applies. Resume the model; the data order starts afresh.
       logging.warning("Checkpoint step %d holds no data-iterator state for %d process(es) "
-                      "(it was written with another process count): restoring the train "
+                      "(it was written with another process count, or by an import): "
+                      "restoring the train "
                       "state only; the data stream starts from its beginning.",
                       step, jax.process_count())
     return self.manager.restore(step, args=ocp.args.Composite(**items)).state

@@ -164,6 +164,8 @@ def _validate_conventions(s: ml_collections.ConfigDict, steps: int) -> None:
   _require(s.method in ("ancestral", "ddim"), f"sample.timestep_spacing="
            f"{s.timestep_spacing!r} is for sample.method 'ancestral' or 'ddim'; "
            f"{s.method} steps on its own log-SNR grid: set sample.timestep_spacing='uniform'.")
+  if s.timestep_spacing == "nested":
+    return
   try:
     samplers.diffusers_timesteps(steps, s.num_steps or steps, s.timestep_spacing)
   except ValueError as e:

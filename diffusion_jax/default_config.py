@@ -271,4 +271,18 @@ def get_config() -> ml_collections.ConfigDict:
   ev.bpd_batch_size = 16  # Global examples per bits/dim call (x 10 timesteps each).
   # Cache of the digits classifier; "" = <data_dir>/digits_classifier/v<N>.npz.
   ev.digits_classifier_cache = ""
+
+  # ---- Distillation (--mode=distill; diffusion_jax/distill/rounds.py) ---------
+  # Progressive distillation (Salimans & Ho 2022): each round trains a student
+  # (v-prediction, started from its teacher) to take in one DDIM step the
+  # teacher's two, on the nested grid (sample.timestep_spacing="nested").
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.teacher_workdir = ""  # configs/distill.py:TEACHER_DIR sets it.
+  distill.method = "progressive"
+  distill.teacher_steps = 64  # The first teacher's DDIM steps; halved each round.
+  distill.final_steps = 1  # The last round's student steps.
+  distill.steps_per_round = 2000  # Optimiser steps of each round.
+  distill.lr = 5e-4  # Adam, cosine-decayed to 0 within each round, no warm-up.
+  distill.ema_decay = 0.999  # Ramped as training.ema_warmup does.
+  distill.batch_size = 0  # 0 = training.batch_size.
   return config

@@ -9,6 +9,8 @@ r"""Entry point: parses flags and dispatches; the work lives in train/sample.
                                                               # (--mode=eval scores it)
   python -m diffusion_jax.main --mode=sample --workdir=OUT \
       --config=configs/unclip.py:PRIOR_DIR,DECODER_DIR        # unCLIP (DALL-E 2)
+  python -m diffusion_jax.main --mode=distill --workdir=OUT \
+      --config=configs/distill.py:TEACHER_DIR                 # few-step students
 
 `--config.a.b=value` overrides any field; a misspelt field is an error.
 """
@@ -22,6 +24,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import (cascade, checkpointing, evaluate, multihost, sample, train,
                            xla_flags)
+from diffusion_jax.distill import rounds
 from diffusion_jax.unclip import evaluation as unclip_eval
 from diffusion_jax.unclip import pipeline
 
@@ -30,7 +33,7 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file (a Python file with get_config()). In sample mode it "
     "defaults to the config saved in --workdir.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "distill"], "What to do.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs outside TPU/SLURM "
                     "(default: $JAX_COORDINATOR_ADDRESS). TPU pods and SLURM need none of "
@@ -139,6 +142,8 @@ def main(argv):
       evaluate.evaluate_cascade(config, FLAGS.workdir)
     else:
       cascade.sample_cascade(config, FLAGS.workdir)
+  elif FLAGS.mode == "distill":
+    rounds.distill(config, FLAGS.workdir)
   elif FLAGS.mode == "train":
     train.train_and_evaluate(config, FLAGS.workdir, allow_fresh_start=FLAGS.allow_fresh_start)
   elif FLAGS.mode == "eval":

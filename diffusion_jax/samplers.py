@@ -43,7 +43,10 @@ METHODS = ("ancestral", "ddim", "dpm_solver++")
 THRESHOLDINGS = ("none", "static", "dynamic")
 # "uniform": this project's grid (improved-diffusion's respacing); the others
 # are diffusers' `timestep_spacing` values (ancestral and DDIM only).
-TIMESTEP_SPACINGS = ("uniform", "linspace", "leading", "trailing")
+# "nested": t_k = round(k T / n) - 1 for k = n..1, each step to the next point and
+# the last to x0; every other point of the 2n-step grid is the n-step grid, as
+# progressive distillation needs (distill/progressive.py).
+TIMESTEP_SPACINGS = ("uniform", "linspace", "leading", "trailing", "nested")
 # The eps DDIM steps with after the x0 is thresholded: "clipped" re-derives it
 # from the thresholded x0 (improved-diffusion, DDIM's paper code); "raw" keeps
 # the model's (diffusers' DDIMScheduler, use_clipped_model_output=False).
@@ -77,7 +80,7 @@ def diffusers_timesteps(num_timesteps: int, num_steps: int, spacing: str) -> np.
     int32 [num_steps], decreasing (the order they are visited).
   """
   T, n = num_timesteps, num_steps
-  diffusion.check_choice("diffusers timestep_spacing", spacing, TIMESTEP_SPACINGS[1:])
+  diffusion.check_choice("diffusers timestep_spacing", spacing, TIMESTEP_SPACINGS[1:4])
   if not 1 <= n <= T:
     raise ValueError(f"num_steps must be in [1, {T}] (the schedule's T), got {n}.")
   if spacing == "linspace":
@@ -114,6 +117,12 @@ def step_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform",
   diffusion.check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
   if spacing == "uniform":
     t = spaced_timesteps(num_timesteps, num_steps)[::-1]
+  elif spacing == "nested":
+    if not 1 <= num_steps <= num_timesteps:
+      raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), "
+                       f"got {num_steps}.")
+    t = np.round(num_timesteps * np.arange(num_steps, 0, -1) / num_steps) - 1
+    return t.astype(np.int32), np.append(t[1:], -1).astype(np.int32)
   else:
     t = diffusers_timesteps(num_timesteps, num_steps, spacing)
   if method == "ddim" and spacing != "uniform":
@@ -370,7 +379,8 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape: tuple[int, ...],
   else:
     t, t_prev = step_timesteps(schedule.num_timesteps, n, timestep_spacing, method)
     # No noise on the last step; diffusers' DDPMScheduler: none where t = 0.
-    add_noise = (np.arange(n) < n - 1) if timestep_spacing == "uniform" else t > 0
+    add_noise = ((np.arange(n) < n - 1) if timestep_spacing in ("uniform", "nested")
+                 else t > 0)
     if method == "ancestral":
       step = functools.partial(_ancestral_step, denoise_fn, prediction,
                                threshold, variance)

@@ -85,15 +85,24 @@ def make_train_step(model, schedule, tx: optax.GradientTransformation,
 
 def train_step_fn(model, schedule, tx: optax.GradientTransformation,
                   config: ml_collections.ConfigDict,
-                  conditioning: Optional[Conditioning] = None) -> Callable:
-  """The un-jitted step of `make_train_step` (benchmarks wrap it differently)."""
-  o = config.optim
-  objective = (clip_training.loss_fn(model, config) if config.model.name == "clip" else
-               _diffusion_loss_fn(model, schedule, config, conditioning or Conditioning(config)))
+                  conditioning: Optional[Conditioning] = None,
+                  objective: Optional[Callable] = None) -> Callable:
+  """The un-jitted step of `make_train_step` (benchmarks wrap it differently).
 
-  def step_fn(state: TrainState, batch: dict, key: jax.Array):
+  `objective(params, batch, rng, *extra) -> (loss, aux)` replaces the model's own
+  loss (distillation passes its teacher's parameters as `extra`); the step is
+  then `step_fn(state, batch, key, *extra)`.
+  """
+  o = config.optim
+  if objective is None:
+    objective = (clip_training.loss_fn(model, config) if config.model.name == "clip" else
+                 _diffusion_loss_fn(model, schedule, config,
+                                    conditioning or Conditioning(config)))
+
+  def step_fn(state: TrainState, batch: dict, key: jax.Array, *extra):
     rng = jax.random.fold_in(key, state.step)
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, rng,
+                                                                     *extra)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, o.ema_decay, o.ema_warmup)
@@ -231,7 +240,8 @@ def _check_finite(step: int, stats: dict, last_saved: Optional[int]) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_fresh_start: bool = False) -> TrainState:
+                       allow_fresh_start: bool = False,
+                       customize: Optional[Callable[["Trainer"], None]] = None) -> TrainState:
   """Trains (or resumes) the model of `config`, writing everything to workdir.
 
   Args:
@@ -239,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: checkpoints, metrics and samples go here; one trainer at a time.
     allow_fresh_start: if the workdir has checkpoint steps but none can be
       read, set them aside and start from step 0 instead of raising.
+    customize: called with the Trainer before the first step (distillation
+      replaces its `train_step` there).
 
   Raises:
     workdir_lock.WorkdirBusyError: another live trainer holds the workdir.
@@ -251,16 +263,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if lock is not None:
     lock.acquire()
   try:
-    return _train(config, workdir, allow_fresh_start)
+    return _train(config, workdir, allow_fresh_start, customize)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           allow_fresh_start: bool) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_fresh_start: bool,
+           customize: Optional[Callable[["Trainer"], None]] = None) -> TrainState:
   trainer = Trainer(config, workdir)
   try:
+    if customize is not None:
+      customize(trainer)
     state = trainer.restore_or_init(allow_fresh_start)
   except BaseException:
     trainer.close()

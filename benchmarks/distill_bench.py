@@ -1,0 +1,73 @@
+"""Distilled students against their teacher: digits quality and sampling speed, one JSON line each.
+
+  python benchmarks/distill_bench.py --teacher=workdir/digits --distilled=workdir/digits_distill \
+      [--teacher_settings=ddim:50,dpm_solver++:10,ancestral:1000:variance=fixed_small]
+
+For the teacher, each sampler setting (benchmarks/digits_quality.py's syntax); for
+every finished round `<distilled>/steps_<n>/`, its own sampler (DDIM, n steps, the
+nested grid). Each row: the digits metrics of `--num_samples` samples (FD and its
+same-n floor, confident fraction, precision/recall) and images/s of a second,
+timed draw (the first compiles), plus the round's distillation CPU seconds from
+`<distilled>/rounds.jsonl`.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import digits_quality as quality_bench
+from diffusion_jax import builders, checkpointing, xla_flags
+from diffusion_jax.distill import rounds
+from diffusion_jax.evaluation import digits_classifier, digits_quality
+
+
+def _row(args, clf, workdir: str, setting: str) -> dict:
+  config = checkpointing.load_config(workdir)
+  model, params, step, mesh = builders.restore_ema(config, workdir)
+  quality_bench.draw(model, params, config, mesh, setting, args)  # compiles
+  start = time.perf_counter()
+  images = quality_bench.draw(model, params, config, mesh, setting, args)
+  seconds = time.perf_counter() - start
+  q = digits_quality.digits_quality(images, clf, config.data.data_dir)
+  return dict(workdir=workdir, setting=setting, checkpoint_step=step,
+              num_samples=args.num_samples, images_per_second=round(args.num_samples / seconds, 1),
+              fd=round(q["frechet_distance"], 3), floor_fd=round(q["floor_frechet_distance"], 3),
+              fd_ratio=round(q["frechet_distance_ratio"], 3),
+              confident=round(q["confident_fraction"], 4), precision=round(q["precision"], 4),
+              recall=round(q["recall"], 4), devices=jax.device_count())
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--teacher", required=True)
+  parser.add_argument("--distilled", required=True, help="the --mode=distill workdir")
+  parser.add_argument("--teacher_settings",
+                      default="ddim:50,dpm_solver++:10,ancestral:1000:variance=fixed_small")
+  parser.add_argument("--num_samples", type=int, default=1000)
+  parser.add_argument("--batch_size", type=int, default=250)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  xla_flags.apply_defaults()
+  clf = digits_classifier.DigitsClassifier.load_or_train(
+      checkpointing.load_config(args.teacher).data.data_dir)
+  for setting in args.teacher_settings.split(","):
+    print(json.dumps(dict(role="teacher", **_row(args, clf, args.teacher, setting))), flush=True)
+  with open(os.path.join(args.distilled, rounds.ROUNDS_FILE)) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  for rec in records:
+    n = rec["student_steps"]
+    row = _row(args, clf, rec["workdir"], f"ddim:{n}:timestep_spacing=nested")
+    print(json.dumps(dict(role="student", student_steps=n,
+                          distill_cpu_seconds=rec["cpu_seconds"],
+                          distill_wall_seconds=rec["wall_seconds"],
+                          distill_train_steps=rec["train_steps"], **row)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
