@@ -76,7 +76,7 @@ CONFIG_ROWS = {
                      "sample.thresholding='soft'; valid values: none, static, dynamic."),
     "timestep_spacing": ({"sample__timestep_spacing": "even"},
                          "sample.timestep_spacing='even'; valid values: uniform, linspace, "
-                         "leading, trailing."),
+                         "leading, trailing, nested."),
     "ddim_eps": ({"sample__ddim_eps": "unclipped"},
                  "sample.ddim_eps='unclipped'; valid values: clipped, raw."),
     "spacing_dpm_solver": ({"sample__method": "dpm_solver++",
@@ -565,7 +565,7 @@ CLI_ROWS = {
     "train_without_config": ([], "--config is required for --mode=train, e.g. "
                                  "--config=configs/digits.py"),
     "unknown_mode": (["--mode=serve"],
-                     "flag --mode=serve: value should be one of <train|sample|eval>"),
+                     "flag --mode=serve: value should be one of <train|sample|eval|distill>"),
 }
 
 
