@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import ml_collections
 import numpy as np
 
 from diffusion_jax.convert import workdir_io
-from diffusion_jax.convert.diffusers_unet import ConversionError
+from diffusion_jax.convert.accounting import (ConversionError, check_accounted, flatten,
+                                              unflatten)
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 _LEAF = {"kernel": "W", "bias": "b"}
@@ -46,13 +47,6 @@ def tf_name(path: tuple[str, ...], scope: str = "model") -> str:
   norm = any(p.startswith("norm") for p in path[-2:]) or head == "norm_out"
   leaf = (_NORM_LEAF if norm else _LEAF)[path[-1]]
   return "/".join((scope, head) + tuple(path[1:-1]) + (leaf,))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, prefix + (k,)) if isinstance(v, Mapping) else {prefix + (k,): v})
-  return out
 
 
 def variables_to_params(reader_get, names: Mapping[str, tuple], shapes: Mapping[str, Any],
@@ -73,7 +67,7 @@ def variables_to_params(reader_get, names: Mapping[str, tuple], shapes: Mapping[
   weights = {n for n in names if n.startswith("model/") and n.split("/")[-1] in
              ("W", "b", "gamma", "beta")}
   flat, missing, wrong, used = {}, [], [], set()
-  for path, leaf in _flatten(shapes).items():
+  for path, leaf in flatten(shapes).items():
     base = tf_name(path)
     name = base + EMA_SUFFIX if ema else base
     if name not in names:
@@ -88,22 +82,11 @@ def variables_to_params(reader_get, names: Mapping[str, tuple], shapes: Mapping[
       continue
     flat[path] = value.reshape(shape)  # nin [in, out] -> [1, 1, in, out] / [C, 1, C]
   unused = sorted(weights - used)
-  if missing or unused or wrong:
-    lines = [f"{source} does not match the U-Net of the given --config:"]
-    for what, items in (("missing", missing), ("unused", unused), ("wrong shape", wrong)):
-      if items:
-        more = f" ... and {len(items) - 6} more" if len(items) > 6 else ""
-        lines.append(f"  {len(items)} {what}: " + "; ".join(items[:6]) + more)
-    if ema and missing and not any(n.endswith(EMA_SUFFIX) for n in names):
-      lines.append("  The checkpoint has no EMA copies: pass --notf_ema for the raw weights.")
-    raise ConversionError("\n".join(lines))
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out
+  hint = ("  The checkpoint has no EMA copies: pass --notf_ema for the raw weights."
+          if ema and missing and not any(n.endswith(EMA_SUFFIX) for n in names) else "")
+  check_accounted(f"{source} does not match the U-Net of the given --config:", missing,
+                  unused, wrong, hint)
+  return unflatten(flat)
 
 
 def import_tf(src: str, workdir: str, config: ml_collections.ConfigDict, *, ema: bool = True,

@@ -20,6 +20,7 @@ from diffusion_jax import checkpointing
 from diffusion_jax.convert import diffusers_files as files
 from diffusion_jax.convert import diffusers_scheduler, diffusers_unet, workdir_io
 from diffusion_jax.convert.diffusers_unet import ConversionError
+from diffusion_jax.evaluation.inception import file_sha256
 
 
 def import_diffusers(src: str, workdir: str,
@@ -53,7 +54,7 @@ def import_diffusers(src: str, workdir: str,
                                                weights_path)
   workdir_io.write_workdir(config, params, workdir, step=step, provenance=dict(
       format="diffusers UNet2DModel", src=os.path.abspath(src), weights=weights_path,
-      weights_sha256=files.sha256(weights_path), scheduler_config=sched_path,
+      weights_sha256=file_sha256(weights_path), scheduler_config=sched_path,
       num_tensors=len(state)))
   return config
 

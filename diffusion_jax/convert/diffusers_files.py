@@ -9,7 +9,6 @@ is the pipeline layout, which `DDPMPipeline.from_pretrained(DIR)` and
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Optional
@@ -106,11 +105,3 @@ def write_json(obj: dict[str, Any], path: str) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
-
-
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()

@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffusion_jax.convert.accounting import ConversionError, check_accounted, flatten, unflatten
+
 # UNet2DModel's constructor defaults (diffusers 0.42): a key missing from an
 # older config.json takes these, exactly as `from_pretrained` would.
 DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
@@ -66,10 +68,6 @@ _FIXED: dict[str, tuple[Any, str]] = {
 }
 _DOWN = ("DownBlock2D", "AttnDownBlock2D")
 _UP = ("UpBlock2D", "AttnUpBlock2D")
-
-
-class ConversionError(ValueError):
-  """A checkpoint or config that this U-Net cannot represent exactly."""
 
 
 def _norm(value: Any) -> Any:
@@ -262,26 +260,6 @@ def _to_torch(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
   return w.reshape(-1)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out
-
-
 def state_dict_to_params(state: Mapping[str, np.ndarray], shapes: Mapping[str, Any],
                          levels: int, source: str = "the checkpoint") -> dict:
   """A UNet2DModel state dict -> the U-Net's Flax params (float32).
@@ -299,7 +277,7 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], shapes: Mapping[str, A
   """
   left = dict(state)
   flat, missing, wrong = {}, [], []
-  for path, leaf in _flatten(shapes).items():
+  for path, leaf in flatten(shapes).items():
     key = torch_key(path, levels)
     legacy = next((key.replace(new, old) for new, old in _LEGACY.items() if new in key), None)
     if key not in left and legacy in left:
@@ -313,17 +291,12 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], shapes: Mapping[str, A
       wrong.append(f"{key}: {list(w.shape)}, the U-Net needs {list(torch_shape(path, shape))}")
       continue
     flat[path] = _to_flax(path, w, shape)
-  if missing or left or wrong:
-    lines = [f"{source} does not match the U-Net its config.json describes:"]
-    for what, items in (("missing", missing), ("unused", sorted(left)), ("wrong shape", wrong)):
-      if items:
-        more = f" ... and {len(items) - 6} more" if len(items) > 6 else ""
-        lines.append(f"  {len(items)} {what}: " + "; ".join(items[:6]) + more)
-    raise ConversionError("\n".join(lines))
-  return _unflatten(flat)
+  check_accounted(f"{source} does not match the U-Net its config.json describes:",
+                  missing, sorted(left), wrong)
+  return unflatten(flat)
 
 
 def params_to_state_dict(params: Mapping[str, Any], levels: int) -> dict[str, np.ndarray]:
   """The U-Net's Flax params -> a UNet2DModel state dict (current key names)."""
   return {torch_key(path, levels): np.ascontiguousarray(_to_torch(path, np.asarray(w, np.float32)))
-          for path, w in _flatten(params).items()}
+          for path, w in flatten(params).items()}
