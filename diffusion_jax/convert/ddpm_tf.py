@@ -108,7 +108,7 @@ def import_tf(src: str, workdir: str, config: ml_collections.ConfigDict, *, ema:
                           f"{str(e)[:300]}); pass the prefix, e.g. DIR/model.ckpt-790000, with "
                           "its .index and .data-* files beside it.") from None
   names = reader.get_variable_to_shape_map()
-  shapes = diffusers_io._param_shapes(config)  # pylint: disable=protected-access
+  shapes = diffusers_io.param_shapes(config)
   params = variables_to_params(reader.get_tensor, {k: tuple(v) for k, v in names.items()},
                                shapes, ema, src)
   global_step = int(reader.get_tensor("global_step")) if "global_step" in names else None

@@ -14,13 +14,42 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import jax
 import ml_collections
 
-from diffusion_jax import checkpointing
+from diffusion_jax import builders, checkpointing, models
 from diffusion_jax.convert import diffusers_files as files
 from diffusion_jax.convert import diffusers_scheduler, diffusers_unet, workdir_io
 from diffusion_jax.convert.diffusers_unet import ConversionError
 from diffusion_jax.evaluation.inception import file_sha256
+
+
+def folder_config(src: str, base: Optional[ml_collections.ConfigDict] = None,
+                  scheduler: Optional[str] = None
+                  ) -> tuple[ml_collections.ConfigDict, str, str]:
+  """The run config a diffusers folder describes: (config, U-Net folder, scheduler path).
+
+  The architecture comes from the U-Net's config.json, the schedule and sampling
+  choices from the scheduler config, the rest from `base` (default: the default
+  config).
+
+  Raises:
+    ConversionError: an architecture or schedule this project cannot represent
+      exactly, naming the field.
+  """
+  unet = files.unet_dir(src)
+  fields = diffusers_unet.model_fields(files.read_json(os.path.join(unet, "config.json")),
+                                       os.path.join(unet, "config.json"))
+  sched_path = files.scheduler_path(src, unet, scheduler)
+  sched = diffusers_scheduler.config_fields(files.read_json(sched_path), sched_path)
+  model = dict(fields["model"], num_classes=0, cond_vector_dim=0, cross_attn_dim=0,
+               cross_attn_resolutions=(), low_res_channels=0, image_embed_dim=0,
+               image_embed_tokens=0)
+  config = workdir_io.build_config(base, dict(
+      model=model, data=dict(image_size=fields["image_size"], channels=fields["channels"],
+                             num_classes=0 if base is None else base.data.num_classes),
+      conditioning=dict(type="none"), **sched))
+  return config, unet, sched_path
 
 
 def import_diffusers(src: str, workdir: str,
@@ -34,24 +63,10 @@ def import_diffusers(src: str, workdir: str,
       exactly (naming the field), weights that do not match the config (naming
       the tensors), or a workdir that already holds a run.
   """
-  unet = files.unet_dir(src)
-  fields = diffusers_unet.model_fields(files.read_json(os.path.join(unet, "config.json")),
-                                       os.path.join(unet, "config.json"))
-  sched_path = files.scheduler_path(src, unet, scheduler)
-  probe = base if base is not None else workdir_io.build_config(None, {})
-  sched = diffusers_scheduler.config_fields(files.read_json(sched_path), sched_path,
-                                            has_spacing="timestep_spacing" in probe.sample)
-  model = dict(fields["model"], num_classes=0, cond_vector_dim=0, cross_attn_dim=0,
-               cross_attn_resolutions=(), low_res_channels=0, image_embed_dim=0,
-               image_embed_tokens=0)
-  config = workdir_io.build_config(base, dict(
-      model=model, data=dict(image_size=fields["image_size"], channels=fields["channels"],
-                             num_classes=0 if base is None else base.data.num_classes),
-      conditioning=dict(type="none"), **sched))
+  config, unet, sched_path = folder_config(src, base, scheduler)
   state, weights_path = files.read_weights(unet)
-  shapes = _param_shapes(config)
-  params = diffusers_unet.state_dict_to_params(state, shapes, len(config.model.ch_mult),
-                                               weights_path)
+  params = diffusers_unet.state_dict_to_params(state, param_shapes(config),
+                                               len(config.model.ch_mult), weights_path)
   workdir_io.write_workdir(config, params, workdir, step=step, provenance=dict(
       format="diffusers UNet2DModel", src=os.path.abspath(src), weights=weights_path,
       weights_sha256=file_sha256(weights_path), scheduler_config=sched_path,
@@ -59,10 +74,8 @@ def import_diffusers(src: str, workdir: str,
   return config
 
 
-def _param_shapes(config: ml_collections.ConfigDict):
-  # pylint: disable-next=g-import-not-at-top  (jax only once a model is built)
-  import jax
-  from diffusion_jax import builders, models
+def param_shapes(config: ml_collections.ConfigDict):
+  """The U-Net's parameter shapes (ShapeDtypeStructs) for a config, nothing allocated."""
   model = models.create_model(config.model, config.data.channels)
   return jax.eval_shape(lambda: builders.init_params(model, config, jax.random.key(0)))
 

@@ -32,16 +32,13 @@ def _close(a: float, b: float) -> bool:
   return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
-def config_fields(sched: Mapping[str, Any], source: str = "scheduler_config.json",
-                  has_spacing: bool = True) -> dict[str, dict[str, Any]]:
+def config_fields(sched: Mapping[str, Any], source: str = "scheduler_config.json"
+                  ) -> dict[str, dict[str, Any]]:
   """`{"diffusion": {...}, "sample": {...}}` overrides from a scheduler config.
 
   Args:
     sched: the parsed scheduler config.
     source: how to name the file in errors.
-    has_spacing: whether the project config has `sample.timestep_spacing` (the
-      scheduler's spacing is then carried over, so sample mode with
-      `--config.sample.num_steps=N` picks diffusers' timesteps).
 
   Raises:
     ConversionError: naming every field with no exact equivalent.
@@ -89,10 +86,10 @@ def config_fields(sched: Mapping[str, Any], source: str = "scheduler_config.json
   if bad:
     raise ConversionError(f"{source} ({cls}) has settings with no exact equivalent here:\n  "
                           + "\n  ".join(bad))
+  # The spacing comes along, so sample mode with --config.sample.num_steps=N
+  # visits the timesteps the published pipeline would.
   sample = dict(thresholding="static" if clip else "none",
-                variance=_VARIANCES.get(variance, "fixed_small"))
-  if has_spacing:
-    sample["timestep_spacing"] = spacing
+                variance=_VARIANCES.get(variance, "fixed_small"), timestep_spacing=spacing)
   return dict(diffusion=dict(schedule=_SCHEDULES[name][0], num_timesteps=T,
                              prediction=_PREDICTIONS[pred]),
               sample=sample)
