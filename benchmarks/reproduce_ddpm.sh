@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the DDPM paper's CIFAR-10 FID/IS from the published checkpoint, then the
 # DDIM and DPM-Solver++ rows of docs/reproduce.md. Needs network (once) and a GPU;
-# prints one JSON line per evaluation (also in $OUT/<workdir>/eval/report_*.json).
+# prints one JSON line per evaluation (the report itself is $OUT/ddpm_cifar10/eval/report_*.json).
 #
 #   bash benchmarks/reproduce_ddpm.sh                  # everything (about 45 min, one H200)
 #   ROWS="ddim50 dpm20" bash benchmarks/reproduce_ddpm.sh   # some rows only
@@ -53,15 +53,15 @@ evaluate() {  # name, then sample overrides
   local name=$1; shift
   python -m diffusion_jax.main --mode=eval --workdir="$W" \
     --config=configs/from_workdir.py:"$W" --config.data.data_dir="$DATA" \
-    --config.sample.name="$name" \
     --config.sample.batch_size="$BATCH" --config.eval.batch_size="$BATCH" \
     --config.eval.num_samples="$NUM_SAMPLES" --config.eval.inception_weights="$INCEPTION" \
     --config.eval.reference_split=train "--config.eval.metrics=('fid','is')" "$@"
-  python - "$W/eval/report_$name.json" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
+  python - "$W/eval" "$name" <<'EOF'
+import glob, json, os, sys
+path = max(glob.glob(os.path.join(sys.argv[1], "report_*.json")), key=os.path.getmtime)
+r = json.load(open(path))  # the report eval mode just wrote
 m = r["metrics"]
-print(json.dumps(dict(name=sys.argv[1].split("report_")[1][:-5], fid=m["fid"],
+print(json.dumps(dict(row=sys.argv[2], report=path, fid=m["fid"],
                       inception_score=m["is"]["mean"], num_samples=r["num_samples"],
                       sampler=r["sampler"])))
 EOF
