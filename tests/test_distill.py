@@ -168,6 +168,10 @@ def test_bad_distill_configs(teacher):
     with pytest.raises(ValueError, match=needle):
       rounds.validate(_distill_config(teacher, **change))
   config = _distill_config(teacher)
+  config.sample.thresholding = "dynamic"
+  with pytest.raises(ValueError, match="thresholding"):
+    rounds.validate(config)
+  config = _distill_config(teacher)
   config.conditioning.type = "class"
   with pytest.raises(ValueError, match="not implemented yet"):
     rounds.validate(config)

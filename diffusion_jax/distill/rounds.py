@@ -54,6 +54,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.conditioning.type == "none", "Bad config: distillation of conditional "
            f"(conditioning.type={config.conditioning.type!r}) and guided models is not "
            "implemented yet; distil an unconditional teacher.")
+  _require(config.sample.thresholding in ("none", "static"), "Bad config: distillation "
+           f"targets use sample.thresholding 'none' or 'static', got "
+           f"{config.sample.thresholding!r}; set --config.sample.thresholding=static.")
   _require(config.model.name == "unet", f"Bad config: model.name={config.model.name!r}: "
            "only U-Net image models are distilled.")
 
