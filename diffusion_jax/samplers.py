@@ -115,12 +115,12 @@ def step_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform",
     its default).
   """
   diffusion.check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), "
+                     f"got {num_steps}.")
   if spacing == "uniform":
     t = spaced_timesteps(num_timesteps, num_steps)[::-1]
   elif spacing == "nested":
-    if not 1 <= num_steps <= num_timesteps:
-      raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), "
-                       f"got {num_steps}.")
     t = np.round(num_timesteps * np.arange(num_steps, 0, -1) / num_steps) - 1
     return t.astype(np.int32), np.append(t[1:], -1).astype(np.int32)
   else:
@@ -245,15 +245,19 @@ def _dpm_step(denoise_fn, prediction, threshold, carry, xs):
   return (x_next, d), d
 
 
+def alphas_cumprod_at(schedule: Schedule, t: np.ndarray) -> jnp.ndarray:
+  """alpha-bar at timesteps `t` (`step_timesteps`' values), where t = -1 is x_0
+  itself: alpha-bar 1, where the last step lands."""
+  abar_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])
+  return abar_ext[np.where(np.asarray(t) < 0, schedule.num_timesteps, t)]
+
+
 def _grid_inputs(schedule: Schedule, t: np.ndarray, t_prev: np.ndarray,
                  add_noise: np.ndarray, rng: jax.Array):
   """Per-step scan inputs (`step_timesteps` order, from the noisiest step)."""
-  T = schedule.num_timesteps
-  # Index T, appended, is alpha-bar 1: where a step to t_prev = -1 lands.
-  abar_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])
   keys = jax.random.split(rng, len(t))[::-1]
-  return (jnp.asarray(t), abar_ext[t], abar_ext[np.where(t_prev < 0, T, t_prev)], keys,
-          jnp.asarray(add_noise, jnp.float32))
+  return (jnp.asarray(t), alphas_cumprod_at(schedule, t), alphas_cumprod_at(schedule, t_prev),
+          keys, jnp.asarray(add_noise, jnp.float32))
 
 
 def _dpm_inputs(schedule: Schedule, num_steps: int):

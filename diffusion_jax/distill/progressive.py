@@ -35,10 +35,9 @@ def ddim_step(z: jax.Array, x0: jax.Array, abar: jax.Array, abar_next: jax.Array
   any thresholding), as this project's DDIM steps. Coefficients broadcast
   from [B] to z's shape.
   """
-  a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-  a2, s2 = jnp.sqrt(abar_next), jnp.sqrt(1.0 - abar_next)
   b = lambda c: diffusion.broadcast_to(c, z)
-  return b(a2) * x0 + b(s2 / s) * (z - b(a) * x0)
+  eps = diffusion.eps_from_x0(b(abar), z, x0)
+  return b(jnp.sqrt(abar_next)) * x0 + b(jnp.sqrt(1.0 - abar_next)) * eps
 
 
 def two_step_target(teacher_fn: DenoiseFn, z: jax.Array, t: jax.Array, t_mid: jax.Array,
@@ -79,7 +78,7 @@ def student_grid(schedule: Schedule, student_steps: int):
   t, t_end = samplers.step_timesteps(T, student_steps, "nested", "ddim")
   t_teacher, _ = samplers.step_timesteps(T, 2 * student_steps, "nested", "ddim")
   t_mid = t_teacher[1::2]  # the teacher's point between each t and t_end
-  abar_of = lambda ts: jnp.where(ts >= 0, schedule.alphas_cumprod[jnp.maximum(ts, 0)], 1.0)
+  abar_of = lambda ts: samplers.alphas_cumprod_at(schedule, ts)
   return (jnp.asarray(t), jnp.asarray(t_mid), abar_of(t), abar_of(t_mid), abar_of(t_end))
 
 
