@@ -54,7 +54,8 @@ def setting_name(setting: str) -> str:
   return setting.replace(":", "").replace("=", "").replace("+", "_")
 
 
-def draw(model, params, config, mesh, setting: str, args) -> np.ndarray:
+def make_sampler(model, config, mesh, setting: str, args):
+  """The compiled-on-first-call sampler of one setting and its DDIM eta."""
   config = config.copy_and_resolve_references()
   method, num_steps, extra = parse_setting(setting)
   config.sample.method, config.sample.num_steps = method, num_steps
@@ -62,8 +63,15 @@ def draw(model, params, config, mesh, setting: str, args) -> np.ndarray:
     config.sample[key] = value
   sample_fn = generation.make_sample_fn(model, builders.make_schedule(config), config,
                                         args.batch_size, mesh)
+  return sample_fn, config.sample.eta
+
+
+def draw(model, params, config, mesh, setting: str, args, sampler=None) -> np.ndarray:
+  """uint8 [num_samples, H, W, C] of one setting; `sampler` (from `make_sampler`)
+  reuses a compiled sampler, so a second draw times sampling alone."""
+  sample_fn, eta = sampler or make_sampler(model, config, mesh, setting, args)
   return generation.generate(sample_fn, params, args.num_samples, args.batch_size, args.seed,
-                             config.sample.eta)
+                             eta)
 
 
 def main() -> None:
