@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.image_embed_dim = 0
   # Extra tokens (DALL-E 2: 4); they need cross_attn_dim > 0. 0 = none.
   model.image_embed_tokens = 0
+  # Takes the guidance scale as an input, cond['guidance'] (a guidance-distilled
+  # student; --mode=distill of a class-conditional teacher sets it).
+  model.guidance_embed = False
   # model.name = "prior": DALL-E 2's diffusion prior over CLIP image embeddings
   # (models/prior.py); its fields, the U-Net's above are unused. embed_dim,
   # text_width and max_text_length must be the CLIP's (checked on load).
@@ -285,4 +288,12 @@ def get_config() -> ml_collections.ConfigDict:
   distill.lr = 5e-4  # Adam, cosine-decayed to 0 within each round, no warm-up.
   distill.ema_decay = 0.999  # Ramped as training.ema_warmup does.
   distill.batch_size = 0  # 0 = training.batch_size.
+  # Guided teachers (class-conditional, conditioning.p_uncond > 0), Meng et al.
+  # 2023: stage 1 trains a student that takes the guidance scale as an input to
+  # match the guided teacher (OUT/guided/), then the rounds distil it, each
+  # example at a scale drawn uniformly in [guidance_min, guidance_max] (the
+  # project's scale s: 1 = conditional, 1 + w in the paper's notation).
+  distill.guidance_min = 1.0
+  distill.guidance_max = 3.0
+  distill.guided_steps = 2000  # Optimiser steps of stage 1.
   return config

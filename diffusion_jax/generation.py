@@ -47,7 +47,8 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
     guided: build the classifier-free-guided sampler (two passes of the
       network per step, batched). Default: when the config asks for a
       guidance scale other than 1 (a conditional sampler at scale 1 needs
-      only one pass).
+      only one pass). A guidance-distilled model (model.guidance_embed) is
+      never guided so: it takes the scale as an input, in one pass.
     conditioning: the config's Conditioning, to share a loaded text encoder.
 
   Returns:
@@ -57,8 +58,12 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   parallel.check_batch_size(batch_size, mesh, "sample batch size")
   s = config.sample
   conditioning = conditioning or Conditioning(config)
+  takes_scale = conditioning.takes_guidance_scale
   if guided is None:
-    guided = conditioning.guidable and s.guidance_scale != 1.0
+    guided = conditioning.guidable and s.guidance_scale != 1.0 and not takes_scale
+  if guided and takes_scale:
+    raise ValueError("This model takes the guidance scale as an input (model.guidance_embed):"
+                     " it samples guided in one pass; build its sampler with guided=False.")
   if guided and not conditioning.guidable:
     raise ValueError(f"Guidance needs a class- or text-conditional model; this one is "
                      f"conditioned on {conditioning.describe()}.")
@@ -75,7 +80,9 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
       x = jax.lax.with_sharding_constraint(x, data)  # keep the batch split
       return model.apply({"params": params}, x, t, c, train=False)
     cond = conditioning.for_sampling(cond, rng, schedule)  # once per batch
-    if scale is None:
+    if takes_scale:  # a guidance-distilled student: the scale is an input
+      cond = {**cond, "guidance": scale}
+    if scale is None or takes_scale:
       denoise_fn = lambda x, t: model_fn(x, t, cond)
     else:
       denoise_fn = guidance.guided_cond_denoiser(model_fn, cond, conditioning.null(cond),
@@ -89,12 +96,15 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
     if guidance_scale is None:
       guidance_scale = s.guidance_scale
     scale = np.broadcast_to(np.asarray(guidance_scale, np.float32), (batch_size,))
-    if not guided and np.any(scale != 1.0):
+    if takes_scale:
+      conditioning.check_guidance(scale)
+    elif not guided and np.any(scale != 1.0):
       conditioning.check_guidance(guidance_scale)  # says why, for a model without it
       raise ValueError("This sampler was built without guidance (guided=False); build it "
                        "with guided=True to use a guidance scale other than 1.")
     eta = s.eta if eta is None else eta
-    return jitted(params, rng, cond, scale if guided else None, jnp.float32(eta))
+    return jitted(params, rng, cond, scale if guided or takes_scale else None,
+                  jnp.float32(eta))
 
   sample_fn.guided, sample_fn.jitted, sample_fn.batch_size = guided, jitted, batch_size
   return sample_fn

@@ -172,6 +172,6 @@ def test_bad_distill_configs(teacher):
   with pytest.raises(ValueError, match="thresholding"):
     rounds.validate(config)
   config = _distill_config(teacher)
-  config.conditioning.type = "class"
-  with pytest.raises(ValueError, match="not implemented yet"):
+  config.model.low_res_channels = 1
+  with pytest.raises(ValueError, match="not implemented"):
     rounds.validate(config)

@@ -14,6 +14,9 @@ keys). Each kind of conditioning owns its keys, in its own module:
   image_embedding.py
               a CLIP image embedding, `image_embed`, the unCLIP decoder's
               (model.image_embed_dim > 0)
+  guidance_input.py
+              the guidance scale as an input, `guidance`, a guidance-distilled
+              student's (model.guidance_embed)
 
 A model may combine kinds (a class- or text-conditional super-resolution
 stage). `Conditioning(config)` gathers the active ones; it is all the run
@@ -48,6 +51,7 @@ import numpy as np
 
 from diffusion_jax.conditioning import base
 from diffusion_jax.conditioning.clip_text import ClipText
+from diffusion_jax.conditioning.guidance_input import GuidanceInput, check_range
 from diffusion_jax.conditioning.image_embedding import ImageEmbedding
 from diffusion_jax.conditioning.labels import Labels
 from diffusion_jax.conditioning.low_res import LowRes
@@ -55,7 +59,8 @@ from diffusion_jax.conditioning.text import Text
 from diffusion_jax.config_checks import one_of, require
 from diffusion_jax.schedules import Schedule
 
-KINDS: tuple[type[base.Kind], ...] = (Labels, ClipText, Text, LowRes, ImageEmbedding)
+KINDS: tuple[type[base.Kind], ...] = (Labels, ClipText, Text, LowRes, ImageEmbedding,
+                                      GuidanceInput)
 # conditioning.type: "none", or a kind's own type ("class", "text").
 TYPES = ("none",) + tuple(k.conditioning_type for k in KINDS if k.conditioning_type)
 
@@ -84,7 +89,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{c.p_uncond}.")
   for kind in KINDS:
     kind.validate(config)
-  require(s.guidance_scale == 1.0 or _learnt_unconditional(config),
+  require(s.guidance_scale == 1.0 or _learnt_unconditional(config)
+          or config.model.guidance_embed,
           f"sample.guidance_scale={s.guidance_scale} needs a class- or text-conditional model "
           "trained with conditioning dropout (conditioning.p_uncond > 0); use 1.0 otherwise. "
           "(An unCLIP decoder is guided by conditioning.p_uncond_image_embed > 0.)")
@@ -114,6 +120,11 @@ class Conditioning:
   def guidable(self) -> bool:
     """Whether a kind is dropped in training (classifier-free guidance can use it)."""
     return any(k.droppable for k in self.kinds)
+
+  @property
+  def takes_guidance_scale(self) -> bool:
+    """Whether the model takes the guidance scale as an input (one pass per step)."""
+    return any(k.takes_guidance_scale for k in self.kinds)
 
   @property
   def upsamples(self) -> bool:
@@ -198,6 +209,9 @@ class Conditioning:
       trained: the config the checkpoint was trained with (its config.json),
         which says whether it learnt an unconditional model; default this one.
     """
+    if self.takes_guidance_scale:  # a distilled student: its trained range
+      check_range(scale, self.config if trained is None else trained)
+      return
     if np.all(np.asarray(scale) == 1.0):
       return
     if not self.guidable:
@@ -231,5 +245,5 @@ def init_cond(config: ml_collections.ConfigDict,
   return Conditioning(config).init(batch_size)
 
 
-__all__ = ["KINDS", "TYPES", "ClipText", "Conditioning", "ImageEmbedding", "Labels", "LowRes", "Request", "Text",
-           "init_cond", "validate"]
+__all__ = ["KINDS", "TYPES", "ClipText", "Conditioning", "GuidanceInput", "ImageEmbedding",
+           "Labels", "LowRes", "Request", "Text", "init_cond", "validate"]

@@ -29,12 +29,15 @@ class Kind:
       stage's `inputs` then name it first).
     conditioning_type: the `conditioning.type` that selects this kind (None:
       the kind overrides `active`).
+    takes_guidance_scale: True if the model takes the sampler's guidance scale
+      as an input (guidance_input.py) instead of being guided by two passes.
   """
   name = ""
   conditioning_type: Optional[str] = None
   inputs: tuple[str, ...] = ()
   droppable = False
   upsamples = False
+  takes_guidance_scale = False
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

@@ -40,6 +40,14 @@ def ddim_step(z: jax.Array, x0: jax.Array, abar: jax.Array, abar_next: jax.Array
   return b(jnp.sqrt(abar_next)) * x0 + b(jnp.sqrt(1.0 - abar_next)) * eps
 
 
+def teacher_x0(teacher_fn: DenoiseFn, z: jax.Array, t: jax.Array, abar: jax.Array,
+               prediction: str, thresholding: str) -> jax.Array:
+  """The teacher's x0 at (z_t, t), thresholded as its sampler does ("none", "static")."""
+  out = teacher_fn(z, t).astype(jnp.float32)
+  x0, _ = diffusion.model_output_to_x0_eps(diffusion.broadcast_to(abar, z), z, out, prediction)
+  return jnp.clip(x0, -1.0, 1.0) if thresholding == "static" else x0
+
+
 def two_step_target(teacher_fn: DenoiseFn, z: jax.Array, t: jax.Array, t_mid: jax.Array,
                     abar: jax.Array, abar_mid: jax.Array, abar_end: jax.Array,
                     prediction: str, thresholding: str = "static") -> jax.Array:
@@ -57,10 +65,7 @@ def two_step_target(teacher_fn: DenoiseFn, z: jax.Array, t: jax.Array, t_mid: ja
   Returns:
     [B, ...] float32 target x0 for the student.
   """
-  def x0_at(x, tt, ab):
-    out = teacher_fn(x, tt).astype(jnp.float32)
-    x0, _ = diffusion.model_output_to_x0_eps(diffusion.broadcast_to(ab, x), x, out, prediction)
-    return jnp.clip(x0, -1.0, 1.0) if thresholding == "static" else x0
+  x0_at = lambda x, tt, ab: teacher_x0(teacher_fn, x, tt, ab, prediction, thresholding)
   z_mid = ddim_step(z, x0_at(z, t, abar), abar, abar_mid)
   z_end = ddim_step(z_mid, x0_at(z_mid, t_mid, abar_mid), abar_mid, abar_end)
   ratio = jnp.sqrt(1.0 - abar_end) / jnp.sqrt(1.0 - abar)

@@ -92,18 +92,22 @@ class TimestepEmbed(nn.Module):
 
   Attributes:
     ch: base channel count; the sinusoid has `ch` features, the output `4 * ch`.
+    zero_out: zero-initialise the last Dense, so the embedding starts as 0 (an
+      input added to a trained model, which then starts as that model).
   """
   ch: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_out: bool = False
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     """Maps `t [B]` to `[B, 4 ch]` in `dtype`."""
     emb = timestep_embedding(t, self.ch).astype(self.dtype)
-    dense = lambda name: nn.Dense(4 * self.ch, kernel_init=default_init(), dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
-    return dense("dense1")(nn.swish(dense("dense0")(emb)))
+    dense = lambda name, init: nn.Dense(4 * self.ch, kernel_init=init, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name=name)
+    last_init = zero_init if self.zero_out else default_init()
+    return dense("dense1", last_init)(nn.swish(dense("dense0", default_init())(emb)))
 
 
 class Downsample(nn.Module):

@@ -26,6 +26,10 @@ for, and no others:
   concatenated with x as input channels (CDM / GLIDE / Imagen). `'aug_level'`:
   `[B]` int32, its noise-augmentation level (superres.py), embedded like a
   timestep and added to the timestep embedding. Both are needed together.
+* `'guidance'`: `[B]` float, a classifier-free guidance scale as an input (a
+  guidance-distilled student, Meng et al. 2023, distill/guided.py); embedded like a
+  timestep of `GUIDANCE_EMBED_SCALE` times the scale, through a zero-initialised
+  last layer, and added to the timestep embedding.
 
 Resolutions (`attn_resolutions`, `cross_attn_resolutions`) are feature-map heights
 inside the U-Net, i.e. after the `patch_size` space-to-depth stem; sizes that do
@@ -42,6 +46,8 @@ from diffusion_jax import superres
 from diffusion_jax.models import layers
 
 Dtype = Any
+# Guidance scales (about 0-10) spread like timesteps (0-1000) over the sinusoid's periods.
+GUIDANCE_EMBED_SCALE = 100.0
 
 # Lifted once at import: `train` (argument 3, counting `self`) is a Python bool
 # that selects dropout, so it must be static under jax.checkpoint.
@@ -150,6 +156,8 @@ class UNet(nn.Module):
       after the text tokens if the model also takes `cond['tokens']`.
     image_embed_tokens: the number of those tokens (0: the embedding only
       enters the timestep embedding).
+    guidance_embed: takes `cond['guidance']`, the guidance scale (zero-initialised
+      embedding: a copied conditional teacher starts unchanged).
     scale_shift_norm: ResBlocks take the embedding as a scale and shift after
       their second GroupNorm (improved-diffusion); needed for the embedding to
       reach levels of 32 channels (layers.ResBlock).
@@ -177,6 +185,7 @@ class UNet(nn.Module):
   scale_shift_norm: bool = False
   image_embed_dim: int = 0
   image_embed_tokens: int = 0
+  guidance_embed: bool = False
 
   def __post_init__(self):
     _check_fields(self)  # At build time, before any input is seen.
@@ -241,6 +250,9 @@ class UNet(nn.Module):
     if self.low_res_channels:
       temb += layers.TimestepEmbed(self.ch, self.dtype, self.param_dtype,
                                    name="aug_emb")(cond["aug_level"])
+    if self.guidance_embed:
+      temb += layers.TimestepEmbed(self.ch, self.dtype, self.param_dtype, zero_out=True,
+                                   name="guidance_emb")(GUIDANCE_EMBED_SCALE * cond["guidance"])
     return temb
 
   def _context(self, cond: dict) -> tuple[jax.Array, jax.Array | None]:
@@ -348,10 +360,11 @@ class UNet(nn.Module):
     built = {"label": self.num_classes, "vector": self.cond_vector_dim,
              "tokens": self.cross_attn_dim, "mask": self.cross_attn_dim,
              "low_res": self.low_res_channels, "aug_level": self.low_res_channels,
-             "image_embed": self.image_embed_dim}
+             "image_embed": self.image_embed_dim, "guidance": int(self.guidance_embed)}
     field = {"label": "num_classes", "vector": "cond_vector_dim", "tokens": "cross_attn_dim",
              "mask": "cross_attn_dim", "low_res": "low_res_channels",
-             "aug_level": "low_res_channels", "image_embed": "image_embed_dim"}
+             "aug_level": "low_res_channels", "image_embed": "image_embed_dim",
+             "guidance": "guidance_embed"}
     for key in cond:
       if key not in built:
         raise ValueError(f"unknown cond key {key!r}; valid keys: {sorted(built)}")
@@ -361,11 +374,11 @@ class UNet(nn.Module):
     shapes = {"label": (b,), "vector": (b, self.cond_vector_dim),
               "tokens": (b, None, self.cross_attn_dim), "mask": (b, None),
               "low_res": (b, None, None, self.low_res_channels), "aug_level": (b,),
-              "image_embed": (b, self.image_embed_dim)}
+              "image_embed": (b, self.image_embed_dim), "guidance": (b,)}
     # The image embedding's tokens are context enough: text tokens become optional.
     needed = dict(built, tokens=self.cross_attn_dim and not (
         self.image_embed_dim and self.image_embed_tokens))
-    for key in ("label", "vector", "tokens", "low_res", "aug_level", "image_embed"):
+    for key in ("label", "vector", "tokens", "low_res", "aug_level", "image_embed", "guidance"):
       if needed[key] and key not in cond:
         hint = (f"; pass jnp.full([B], {self.num_classes}) for the null class"
                 if key == "label" else "")
@@ -380,6 +393,8 @@ class UNet(nn.Module):
     if "mask" in cond and cond["mask"].shape[1] != cond["tokens"].shape[1]:
       raise ValueError(f"cond['mask'] {cond['mask'].shape} does not match cond['tokens'] "
                        f"{cond['tokens'].shape}")
+    if "guidance" in cond and not jnp.issubdtype(cond["guidance"].dtype, jnp.floating):
+      raise ValueError(f"cond['guidance'] must be a float array, got {cond['guidance'].dtype}")
     if "label" in cond and not jnp.issubdtype(cond["label"].dtype, jnp.integer):
       raise ValueError(f"cond['label'] must be an int array, got {cond['label'].dtype}")
     if "mask" in cond and cond["mask"].dtype != jnp.bool_:
