@@ -4,12 +4,15 @@
       [--teacher_settings=ddim:50,dpm_solver++:10,ancestral:1000:variance=fixed_small]
 
 For the teacher, each sampler setting (benchmarks/digits_quality.py's syntax); for
-every finished round `<distilled>/steps_<n>/`, its own sampler (DDIM, n steps, the
-nested grid). Each row: the digits metrics of `--num_samples` samples (FD and its
-same-n floor, confident fraction, precision/recall) and images/s: the median of
-timed draws of the already compiled sampler (at least one, repeated until
-`--min_timed_seconds` of sampling), so compilation is not counted; plus the
-round's distillation CPU seconds from `<distilled>/rounds.jsonl`.
+every finished stage in `<distilled>/rounds.jsonl`, its own sampler (DDIM, n steps,
+the nested grid). Each row: the digits metrics of `--num_samples` samples (FD and
+its same-n floor, confident fraction, precision/recall) and images/s: the median
+of timed one-batch draws of the already compiled sampler (at least one, repeated
+until `--min_timed_seconds`), so compilation is not counted; plus the stage's
+distillation CPU seconds. A class-conditional teacher (and its students) draws
+every class equally at `--guidance_scale` and adds the class accuracy; the
+teacher guides with two network passes per step, a guidance-distilled student
+with one (`guided_passes`).
 """
 import argparse
 import json
@@ -24,26 +27,36 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import digits_quality as quality_bench
-from diffusion_jax import builders, checkpointing, xla_flags
+from diffusion_jax import builders, checkpointing, generation, guidance, xla_flags
 from diffusion_jax.distill import rounds
 from diffusion_jax.evaluation import digits_classifier, digits_quality
 
 
 def _row(args, clf, workdir: str, setting: str) -> dict:
   config = checkpointing.load_config(workdir)
+  labels = None
+  if config.conditioning.type == "class":  # every class equally, at --guidance_scale
+    config.sample.guidance_scale = args.guidance_scale
+    labels = guidance.parse_labels("all", config.model.num_classes, args.num_samples)
   model, params, step, mesh = builders.restore_ema(config, workdir)
-  sampler = quality_bench.make_sampler(model, config, mesh, setting, args)
-  images = quality_bench.draw(model, params, config, mesh, setting, args, sampler)  # compiles
+  sample_fn, eta = quality_bench.make_sampler(model, config, mesh, setting, args)
+  draw = lambda n, seed: generation.generate(
+      sample_fn, params, n, args.batch_size, seed, eta,
+      cond=None if labels is None else {"label": labels[:n]})
+  images = draw(args.num_samples, args.seed)  # compiles
   rates, spent = [], 0.0
-  while not rates or spent < args.min_timed_seconds:  # timed draws of the compiled sampler
+  while not rates or spent < args.min_timed_seconds:  # one batch of the compiled sampler
     start = time.perf_counter()
-    quality_bench.draw(model, params, config, mesh, setting, args, sampler)
-    rates.append(args.num_samples / (time.perf_counter() - start))
-    spent += args.num_samples / rates[-1]
-  q = digits_quality.digits_quality(images, clf, config.data.data_dir)
-  return dict(workdir=workdir, setting=setting, checkpoint_step=step,
+    draw(args.batch_size, args.seed + 1 + len(rates))
+    spent += time.perf_counter() - start
+    rates.append(args.batch_size / (time.perf_counter() - start))
+  q = digits_quality.digits_quality(images, clf, config.data.data_dir, labels=labels)
+  extra = {} if labels is None else dict(
+      guidance_scale=args.guidance_scale, guided_passes=2 if sample_fn.guided else 1,
+      class_accuracy=round(q["class_accuracy"], 4))
+  return dict(workdir=workdir, setting=setting, checkpoint_step=step, **extra,
               num_samples=args.num_samples, images_per_second=round(float(np.median(rates)), 1),
-              timed_draws=len(rates),
+              timed_batches=len(rates),
               fd=round(q["frechet_distance"], 3), floor_fd=round(q["floor_frechet_distance"], 3),
               fd_ratio=round(q["frechet_distance_ratio"], 3),
               confident=round(q["confident_fraction"], 4), precision=round(q["precision"], 4),
@@ -60,8 +73,10 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=250)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--min_timed_seconds", type=float, default=10.0,
-                      help="repeat the timed draw until this much sampling time; the median "
-                           "rate is reported")
+                      help="repeat the timed one-batch draw until this much sampling time; "
+                           "the median rate is reported")
+  parser.add_argument("--guidance_scale", type=float, default=1.5,
+                      help="class-conditional teachers and students: the scale of every row")
   args = parser.parse_args()
   xla_flags.apply_defaults()
   clf = digits_classifier.DigitsClassifier.load_or_train(
@@ -73,7 +88,8 @@ def main() -> None:
   for rec in records:
     n = rec["student_steps"]
     row = _row(args, clf, rec["workdir"], f"ddim:{n}:timestep_spacing=nested")
-    print(json.dumps(dict(role="student", student_steps=n,
+    print(json.dumps(dict(role="student", stage=rec.get("stage", f"steps_{n}"),
+                          student_steps=n,
                           distill_cpu_seconds=rec["cpu_seconds"],
                           distill_wall_seconds=rec["wall_seconds"],
                           distill_train_steps=rec["train_steps"], **row)), flush=True)

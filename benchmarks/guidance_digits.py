@@ -71,7 +71,7 @@ def main() -> None:
   n = k * args.per_class
   labels = guidance.parse_labels("all", k, n)
   fn = generation.make_sample_fn(model, builders.make_schedule(config), config, args.batch_size,
-                             mesh, guided=True)
+                             mesh, guided=not config.model.guidance_embed)
   for scale in (float(s) for s in args.scales.split(",")):
     start = time.perf_counter()
     # The same seed at every scale: the same x_T, so only the guidance differs.

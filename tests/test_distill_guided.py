@@ -42,15 +42,15 @@ def test_the_scale_input_starts_at_zero_and_then_matters(digits_dir):
   params = perturbed_params(model, config)
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
   t, labels = jnp.array([3, 200, 500, 999]), jnp.array([0, 1, 2, 3])
-  run = lambda p, s: model.apply({"params": p}, x, t, {"label": labels,
-                                                       "guidance": jnp.full((4,), s)},
-                                 train=False)
+  run = jax.jit(lambda p, s: model.apply(
+      {"params": p}, x, t, {"label": labels, "guidance": jnp.full((4,), s)}, train=False))
   # Zero-initialised last layer: the scale does not change the output ...
   zeroed = dict(params, guidance_emb=dict(params["guidance_emb"], dense1=jax.tree.map(
       jnp.zeros_like, params["guidance_emb"]["dense1"])))
   plain = models.create_model(dict(config.model, guidance_embed=False), config.data.channels)
   without = {k: v for k, v in params.items() if k != "guidance_emb"}
-  ref = plain.apply({"params": without}, x, t, {"label": labels}, train=False)
+  ref = jax.jit(plain.apply, static_argnames="train")({"params": without}, x, t,
+                                                      {"label": labels}, train=False)
   np.testing.assert_array_equal(run(zeroed, 1.0), ref)  # the teacher it was copied from
   np.testing.assert_array_equal(run(zeroed, 3.0), ref)
   # ... until it is trained (here: perturbed).
@@ -226,6 +226,10 @@ def test_bad_guided_configs(cond_teacher):
   config.model.guidance_embed = True
   with pytest.raises(ValueError, match="already takes the guidance scale"):
     rounds.validate(config)
+  student = rounds.round_config(_guided_config(cond_teacher), 2)
+  with pytest.raises(ValueError, match="learns from a guided teacher"):  # --mode=train
+    Conditioning(student).train({"label": jnp.zeros((2,), jnp.int32)}, jax.random.key(0),
+                                builders.make_schedule(student))
   unconditional = test_config.get_config()
   unconditional.model.guidance_embed = True
   with pytest.raises(ValueError, match="needs a conditional model"):

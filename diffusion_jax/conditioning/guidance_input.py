@@ -59,8 +59,9 @@ class GuidanceInput(base.Kind):
     return {"guidance": jnp.ones((batch_size,), jnp.float32)}
 
   def train(self, batch, rng, schedule) -> dict[str, jax.Array]:
-    del rng, schedule
-    return {"guidance": batch["guidance"]}  # distillation draws the scales
+    raise ValueError("A model with model.guidance_embed=True learns from a guided teacher "
+                     "(--mode=distill, distill/guided.py draws the scales); Algorithm 1 has "
+                     "no target that depends on the scale. Train with guidance_embed=False.")
 
   def for_sampling(self, cond, rng, schedule) -> dict[str, jax.Array]:
     del cond, rng, schedule

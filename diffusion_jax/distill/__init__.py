@@ -1,2 +1,3 @@
 """Few-step sampling by distillation (`--mode=distill`): progressive.py holds the
-maths, rounds.py runs the rounds as ordinary workdirs."""
+maths, guided.py that of distilling classifier-free guidance, rounds.py runs the
+stages as ordinary workdirs."""
