@@ -128,9 +128,10 @@ def _student_error(round_dir, teacher_dir):
   schedule = builders.make_schedule(cfg)
   x0 = jax.random.uniform(jax.random.key(5), (64, 16, 16, 1), minval=-1.0, maxval=1.0)
   fn = lambda m, p: (lambda x, t: m.apply({"params": p}, x, t, None, train=False))
-  return float(jnp.mean(progressive.loss(fn(model, params), fn(tmodel, tparams), schedule, x0,
-                                         jax.random.key(6), cfg.sample.num_steps,
-                                         teacher_prediction=tcfg.diffusion.prediction)))
+  loss = jax.jit(lambda: progressive.loss(fn(model, params), fn(tmodel, tparams), schedule,
+                                          x0, jax.random.key(6), cfg.sample.num_steps,
+                                          teacher_prediction=tcfg.diffusion.prediction))
+  return float(jnp.mean(loss()))
 
 
 def test_a_round_reduces_the_error_and_its_student_is_an_ordinary_workdir(teacher, tmp_path):
