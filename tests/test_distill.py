@@ -166,8 +166,9 @@ def test_bad_distill_configs(teacher):
                          (dict(final_steps=4), "power of two"),
                          (dict(method="consistency"), "distill.method"),
                          (dict(teacher_steps=2048), "exceeds")]:
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=needle) as err:
       rounds.validate(_distill_config(teacher, **change))
+    assert str(err.value).startswith("Bad config: ") and str(err.value).count("Bad config") == 1
   config = _distill_config(teacher)
   config.sample.thresholding = "dynamic"
   with pytest.raises(ValueError, match="thresholding"):

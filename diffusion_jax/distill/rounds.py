@@ -47,39 +47,39 @@ GUIDED_DIR = "guided"  # stage 1 of a guided teacher
 def validate(config: ml_collections.ConfigDict) -> None:
   """The distill section, and a teacher this method can distil."""
   d, c = config.distill, config.conditioning
-  _require(bool(d.teacher_workdir), "Bad config: distill.teacher_workdir is empty: use "
+  _require(bool(d.teacher_workdir), "distill.teacher_workdir is empty: use "
            "--config=configs/distill.py:TEACHER_DIR.")
-  _require(d.method == "progressive", f"Bad config: distill.method={d.method!r}; valid "
+  _require(d.method == "progressive", f"distill.method={d.method!r}; valid "
            "values: progressive.")
   n, final = d.teacher_steps, d.final_steps
   ratio = n // final if final >= 1 else 0
   _require(final >= 1 and n % final == 0 and ratio >= 2 and ratio & (ratio - 1) == 0,
-           f"Bad config: distill.teacher_steps={n} must be final_steps={final} times a "
+           f"distill.teacher_steps={n} must be final_steps={final} times a "
            "power of two >= 2 (each round halves the steps).")
-  _require(n <= config.diffusion.num_timesteps, f"Bad config: distill.teacher_steps={n} "
+  _require(n <= config.diffusion.num_timesteps, f"distill.teacher_steps={n} "
            f"exceeds the schedule's {config.diffusion.num_timesteps} timesteps.")
-  _require(d.steps_per_round > 0 and d.lr > 0, "Bad config: distill.steps_per_round and "
+  _require(d.steps_per_round > 0 and d.lr > 0, "distill.steps_per_round and "
            "distill.lr must be > 0.")
   m = config.model
   if c.type not in ("none", "class") or m.low_res_channels or m.image_embed_dim:
-    _require(False, f"Bad config: distillation of models conditioned on "
+    _require(False, f"distillation of models conditioned on "
              f"{Conditioning(config).describe()} is not implemented; distil an "
              "unconditional or class-conditional teacher.")
-  _require(not m.guidance_embed, "Bad config: the teacher already takes the guidance scale "
+  _require(not m.guidance_embed, "the teacher already takes the guidance scale "
            "(a guidance-distilled student); distil the original guided teacher.")
   if is_guided(config):
     _require(d.guided_steps > 0 and 0.0 <= d.guidance_min <= d.guidance_max,
-             f"Bad config: a guided teacher needs distill.guided_steps > 0 and 0 <= "
+             f"a guided teacher needs distill.guided_steps > 0 and 0 <= "
              f"guidance_min <= guidance_max, got {d.guided_steps}, {d.guidance_min}, "
              f"{d.guidance_max}.")
     g = config.sample.guidance_scale
-    _require(d.guidance_min <= g <= d.guidance_max, f"Bad config: sample.guidance_scale={g}"
+    _require(d.guidance_min <= g <= d.guidance_max, f"sample.guidance_scale={g}"
              f" (the students' grids) lies outside [distill.guidance_min, guidance_max] = "
              f"[{d.guidance_min}, {d.guidance_max}].")
-  _require(config.sample.thresholding in ("none", "static"), "Bad config: distillation "
+  _require(config.sample.thresholding in ("none", "static"), "distillation "
            f"targets use sample.thresholding 'none' or 'static', got "
            f"{config.sample.thresholding!r}; set --config.sample.thresholding=static.")
-  _require(config.model.name == "unet", f"Bad config: model.name={config.model.name!r}: "
+  _require(config.model.name == "unet", f"model.name={config.model.name!r}: "
            "only U-Net image models are distilled.")
 
 
@@ -161,10 +161,12 @@ def _install(trainer: train.Trainer, teacher_params, per_example: Callable) -> N
 
 def _round_loss(teacher_model, teacher_cfg, n: int, thresholding: str) -> Callable:
   """Progressive distillation's loss: the teacher's two DDIM steps, the student's one."""
+  schedule = builders.make_schedule(teacher_cfg)
+
   def per_example(student, t_params, cond, x0, rng):
     t_cond = _teacher_cond(cond, teacher_cfg)
-    return progressive.loss(student, _model_fn(teacher_model, t_params, t_cond),
-                            builders.make_schedule(teacher_cfg), x0, rng, n,
+    return progressive.loss(student, _model_fn(teacher_model, t_params, t_cond), schedule,
+                            x0, rng, n,
                             teacher_prediction=teacher_cfg.diffusion.prediction,
                             thresholding=thresholding)
   return per_example
@@ -173,6 +175,7 @@ def _round_loss(teacher_model, teacher_cfg, n: int, thresholding: str) -> Callab
 def _stage1_loss(teacher_model, teacher_cfg, thresholding: str) -> Callable:
   """Guidance distillation's stage 1: the guided teacher's x0 at the drawn scales."""
   num_classes = teacher_cfg.model.num_classes
+  schedule = builders.make_schedule(teacher_cfg)
 
   def per_example(student, t_params, cond, x0, rng):
     labels = cond["label"]
@@ -180,7 +183,7 @@ def _stage1_loss(teacher_model, teacher_cfg, thresholding: str) -> Callable:
         lambda x, t, c: teacher_model.apply({"params": t_params}, x, t, c, train=False),
         {"label": labels}, {"label": guidance.null_labels(labels.shape[0], num_classes)},
         cond["guidance"])
-    return guided.stage1_loss(student, teacher, builders.make_schedule(teacher_cfg), x0, rng,
+    return guided.stage1_loss(student, teacher, schedule, x0, rng,
                               teacher_prediction=teacher_cfg.diffusion.prediction,
                               thresholding=thresholding)
   return per_example
@@ -213,10 +216,10 @@ def _finished(round_dir: str, steps: int) -> bool:
     ckpt.close()
 
 
-def _run_stage(workdir: str, name: str, rcfg, teacher: tuple, per_example: Callable,
-               provenance: dict) -> list[dict[str, Any]]:
-  """Trains (or resumes, or skips if finished) one student in workdir/name."""
-  teacher_model, teacher_params, teacher_dir = teacher
+def _run_stage(workdir: str, name: str, rcfg, teacher_params, teacher_dir: str,
+               per_example: Callable, provenance: dict) -> list[dict[str, Any]]:
+  """Trains (or resumes, or skips if finished) one student in workdir/name against
+  the teacher's parameters (`per_example` holds its model, as `_install` says)."""
   round_dir = os.path.join(workdir, name)
   if _finished(round_dir, rcfg.training.num_train_steps):
     return _read_records(workdir)
@@ -251,14 +254,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
   if is_guided(config):
     n = config.distill.teacher_steps
     rcfg = round_config(config, n, config.distill.guided_steps)
-    records = _run_stage(workdir, GUIDED_DIR, rcfg, (model, params, teacher_dir),
+    records = _run_stage(workdir, GUIDED_DIR, rcfg, params, teacher_dir,
                          _stage1_loss(model, teacher_cfg, threshold),
                          dict(format="guidance-distilled student (stage 1)", teacher_steps=n))
     teacher_dir, teacher_cfg = os.path.join(workdir, GUIDED_DIR), rcfg
     model, params, _, _ = builders.restore_ema(rcfg, teacher_dir)
   for n in student_steps(config):
     rcfg = round_config(config, n)
-    records = _run_stage(workdir, f"steps_{n}", rcfg, (model, params, teacher_dir),
+    records = _run_stage(workdir, f"steps_{n}", rcfg, params, teacher_dir,
                          _round_loss(model, teacher_cfg, n, threshold),
                          dict(format="progressive distillation student",
                               teacher_steps=2 * n))
