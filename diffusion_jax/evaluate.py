@@ -248,7 +248,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "params": "ema", "sampler": _sampler_settings(config, conditioning)}
   if any(m != "bpd" for m in ev.metrics):
     _sample_metrics(model, params, config, mesh, workdir, name, report, conditioning)
-  if "bpd" in ev.metrics:
+  if "bpd" in ev.metrics and conditioning.takes_guidance_scale:
+    _skip(report, "bpd", "a guidance-distilled student learnt the guided output at a scale, "
+          "which is no density: it has no likelihood (evaluate bits/dim on its teacher)")
+  elif "bpd" in ev.metrics:
     start = time.perf_counter()
     report["metrics"]["bpd"] = bpd.bits_per_dim_on_split(model, params, config, mesh,
                                                          conditioning)

@@ -11,8 +11,8 @@ import pytest
 
 from configs import distill as distill_config
 from configs import test as test_config
-from diffusion_jax import (builders, checkpointing, config_lib, generation, guidance, models,
-                           parallel, sample, samplers, schedules)
+from diffusion_jax import (builders, checkpointing, config_lib, evaluate, generation, guidance,
+                           models, parallel, sample, samplers, schedules)
 from diffusion_jax.conditioning import Conditioning
 from diffusion_jax.convert import workdir_io
 from diffusion_jax.distill import guided, rounds
@@ -186,6 +186,8 @@ def test_guided_distillation_end_to_end(cond_teacher, tmp_path):
   scfg.sample.guidance_scale = 5.0
   with pytest.raises(ValueError, match=r"learnt scales in \[1.0, 3.0\]"):
     sample.sample_and_save(scfg, round_dir)
+  scfg.sample.guidance_scale, scfg.eval.metrics = 2.0, ("bpd",)
+  assert "no likelihood" in evaluate.evaluate(scfg, round_dir)["skipped"]["bpd"]
   with open(os.path.join(workdir, rounds.ROUNDS_FILE)) as f:
     assert [json.loads(line)["train_steps"] for line in f] == [40, 4]
   assert rounds.distill(config, workdir) == records  # finished stages are skipped
