@@ -48,8 +48,9 @@ def _row(args, clf, workdir: str, setting: str) -> dict:
   while not rates or spent < args.min_timed_seconds:  # one batch of the compiled sampler
     start = time.perf_counter()
     draw(args.batch_size, args.seed + 1 + len(rates))
-    spent += time.perf_counter() - start
-    rates.append(args.batch_size / (time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    spent += seconds
+    rates.append(args.batch_size / seconds)
   q = digits_quality.digits_quality(images, clf, config.data.data_dir, labels=labels)
   extra = {} if labels is None else dict(
       guidance_scale=args.guidance_scale, guided_passes=2 if sample_fn.guided else 1,
